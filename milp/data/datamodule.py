@@ -1,0 +1,172 @@
+"""Serving users to Lightning: tokenized history pairs to train on, queries to answer.
+
+One `UserDataModule` holds all users of a split; `select` points it at the user (or
+group of users) whose memory is being injected, so each adapter only ever sees its
+own user's history (a peer's code once let a buffer leak across users).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from milp.data.users import HistoryPair, Query, User
+from milp.errors import MilpError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt and an answer are laid out as tokens for a causal LM.
+
+    Prompts are cut at `max_prompt_tokens` (keeping their beginning, where LaMP puts the
+    instruction, and always keeping the answer cue at the end); targets at
+    `max_target_tokens`. Training and generation share this, so the memory is trained on
+    exactly the layout it is asked to answer in.
+    """
+
+    template: str = "{prompt}\nAnswer:"
+    max_prompt_tokens: int = 256
+    max_target_tokens: int = 64
+
+    def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
+        """Token ids of a formatted, truncated prompt."""
+        head, _, tail = self.template.partition("{prompt}")
+        head_ids = tokenizer.encode(head, add_special_tokens=True) if head else []
+        body_ids = tokenizer.encode(prompt, add_special_tokens=not head)
+        tail_ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
+        room = self.max_prompt_tokens - len(head_ids) - len(tail_ids)
+        if room < 1:
+            raise MilpError(
+                f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for the "
+                f"prompt after the template {self.template!r}"
+            )
+        return head_ids + body_ids[:room] + tail_ids
+
+    def target_ids(self, tokenizer, target: str) -> list[int]:
+        """Token ids of an answer, ending with the end-of-sequence token."""
+        ids = tokenizer.encode(" " + target.strip(), add_special_tokens=False)
+        return ids[: self.max_target_tokens - 1] + [tokenizer.eos_token_id]
+
+    def encode_pair(self, tokenizer, pair: HistoryPair) -> tuple[list[int], list[int]]:
+        """Input ids and labels for one history pair; the loss falls on the target only."""
+        prompt, target = self.prompt_ids(tokenizer, pair.prompt), self.target_ids(tokenizer, pair.target)
+        return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def pad_right(sequences: Sequence[list[int]], value: int) -> torch.Tensor:
+    """Stack sequences into a tensor, padding at the end (for training)."""
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def pad_left(sequences: Sequence[list[int]], value: int) -> torch.Tensor:
+    """Stack sequences, padding at the start, so generation continues every prompt."""
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[value] * (width - len(s)) + s for s in sequences], dtype=torch.long)
+
+
+class TrainCollator:
+    """Tokenizes history pairs into a right-padded batch with target-only labels."""
+
+    def __init__(self, tokenizer, prompt_format: PromptFormat) -> None:
+        self.tokenizer, self.format = tokenizer, prompt_format
+
+    def __call__(self, pairs: list[HistoryPair]) -> dict[str, torch.Tensor]:
+        encoded = [self.format.encode_pair(self.tokenizer, p) for p in pairs]
+        input_ids = pad_right([ids for ids, _ in encoded], self.tokenizer.pad_token_id)
+        labels = pad_right([labels for _, labels in encoded], IGNORE_INDEX)
+        attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class QueryCollator:
+    """Tokenizes queries into a left-padded batch, keeping ids and golds alongside."""
+
+    def __init__(self, tokenizer, prompt_format: PromptFormat) -> None:
+        self.tokenizer, self.format = tokenizer, prompt_format
+
+    def __call__(self, queries: list[tuple[str, Query]]) -> dict:
+        prompts = [self.format.prompt_ids(self.tokenizer, q.prompt) for _, q in queries]
+        return {
+            "input_ids": pad_left(prompts, self.tokenizer.pad_token_id),
+            "attention_mask": pad_left([[1] * len(p) for p in prompts], 0),
+            "user_ids": [user_id for user_id, _ in queries],
+            "query_ids": [q.id for _, q in queries],
+            "golds": [q.gold for _, q in queries],
+        }
+
+
+class UserDataModule(L.LightningDataModule):
+    """All users of one split; serves the selected user(s) to a Lightning Trainer."""
+
+    def __init__(
+        self,
+        users: list[User],
+        prompt_format: PromptFormat | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        min_history: int = 1,
+        name: str = "data",
+        task: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.format = prompt_format or PromptFormat()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.name, self.task = name, task
+        for user in users:
+            if len(user.history) < min_history:
+                raise MilpError(
+                    f"user {user.user_id!r} has {len(user.history)} history item(s); "
+                    f"data.min_history is {min_history}"
+                )
+        self.users = users
+        self.tokenizer = None
+        self.selected: list[User] = []
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Use the base model's tokenizer (known only once the model is loaded)."""
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise MilpError("the model's tokenizer needs an end-of-sequence and a pad token")
+        self.tokenizer = tokenizer
+
+    def select(self, users: User | list[User]) -> UserDataModule:
+        """Serve these users' data from now on (one user, or a group)."""
+        self.selected = [users] if isinstance(users, User) else list(users)
+        return self
+
+    def _check_ready(self) -> None:
+        if self.tokenizer is None or not self.selected:
+            raise RuntimeError("call attach_tokenizer() and select() before asking for data")
+
+    def train_dataloader(self) -> DataLoader:
+        self._check_ready()
+        pairs = [pair for user in self.selected for pair in user.history]
+        # A seeded generator makes the shuffling part of the run's determinism.
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return DataLoader(
+            pairs,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=TrainCollator(self.tokenizer, self.format),
+        )
+
+    def query_dataloader(self) -> DataLoader:
+        """The selected users' queries, in file order."""
+        self._check_ready()
+        queries = [(user.user_id, q) for user in self.selected for q in user.queries]
+        return DataLoader(
+            queries, batch_size=self.eval_batch_size, collate_fn=QueryCollator(self.tokenizer, self.format)
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.query_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self.query_dataloader()

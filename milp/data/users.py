@@ -1,0 +1,67 @@
+"""What milp knows about a user: the history to inject and the queries to answer.
+
+Every data source (LaMP files, the JSONL history format, the embedded generator)
+produces the same `User` records, so training and evaluation never see file formats.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HistoryPair:
+    """One item of a user's history, as a (prompt, target) pair the memory is trained on."""
+
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """A question the personalized model must answer; `gold` is None when unknown."""
+
+    id: str
+    prompt: str
+    gold: str | None = None
+
+
+@dataclass
+class User:
+    """A user's history (oldest first) and queries, plus the raw texts for persona F1."""
+
+    user_id: str
+    history: list[HistoryPair]
+    queries: list[Query]
+    profile_texts: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        """A file-system-safe name for this user, unique for distinct ids."""
+        return user_slug(self.user_id)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def user_slug(user_id: str) -> str:
+    """Map an opaque user id to a directory name.
+
+    Ids that are already safe are kept as they are; others get their unsafe characters
+    replaced and a checksum appended, so two different ids never share a directory.
+    """
+    safe = _UNSAFE.sub("_", user_id)[:80]
+    if safe == user_id and safe not in {"", ".", ".."}:
+        return safe
+    return f"{safe}-{zlib.crc32(user_id.encode()):08x}"
+
+
+def user_seed(seed: int, user_id: str) -> int:
+    """A per-user seed that does not depend on the order users are processed in.
+
+    Resuming a run (skipping finished users) must not change the remaining users'
+    adapters, so the seed comes from the user's id, not from its position.
+    """
+    return (seed * 1_000_003 + zlib.crc32(user_id.encode())) % (2**31)

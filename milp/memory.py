@@ -1,0 +1,281 @@
+"""Memory adapters: LoRA modules that hold a user's history inside the frozen base model.
+
+A memory configuration says how much memory to inject and where: `num_loras` LoRA
+modules of `rank` (scaled by `alpha / rank`), on the `target_modules` of the chosen
+`layers`. The modules are ordinary peft adapters (`memory_0`, `memory_1`, ...), all
+active together, so a user's memory is saved and loaded as plain peft adapters
+(`adapter_config.json` + safetensors) that `PeftModel.from_pretrained` understands.
+
+N modules of rank r on the same layers can express what one rank N*r module can, but
+each is scaled and initialized on its own; that is the "number of memories"
+dimension of MiLP's search space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from milp.errors import MilpError
+
+LAYER_PRESETS = ("all", "top_half", "bottom_half", "every_other")
+
+# Sub-module families by their usual names across Hugging Face architectures
+# (Llama/Qwen/Mistral, GPT-2, GPT-NeoX, Phi, OPT...). Only names the model has are used.
+MODULE_FAMILIES = {
+    "ffn": ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "mlp.c_proj",
+            "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "attn.c_proj",
+                  "query_key_value", "qkv_proj", "out_proj", "dense"),
+}
+MEMORY_PREFIX = "memory_"
+
+
+@dataclass
+class MemoryConfig:
+    """How much memory to inject and where. `num_loras: 0` means no memory (zero-shot)."""
+
+    num_loras: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    layers: str | list[int] = "all"
+    target_modules: list[str] = field(default_factory=lambda: ["ffn"])
+
+    def __post_init__(self) -> None:
+        # Hydra hands over ListConfig objects; plain lists keep the config serializable.
+        if not isinstance(self.layers, str):
+            self.layers = [int(i) for i in self.layers]
+        self.target_modules = [str(m) for m in self.target_modules]
+        if int(self.num_loras) != self.num_loras or self.num_loras < 0:
+            raise MilpError(f"memory.num_loras must be an integer >= 0, got {self.num_loras}")
+        if self.num_loras and self.rank < 1:
+            raise MilpError(f"memory.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise MilpError(f"memory.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise MilpError(f"memory.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
+            raise MilpError(
+                f"memory.layers: unknown preset {self.layers!r}; use one of "
+                f"{', '.join(LAYER_PRESETS)} or a list of layer indices"
+            )
+        if not isinstance(self.layers, str) and not self.layers:
+            raise MilpError("memory.layers: the list of layers is empty")
+        if self.num_loras and not self.target_modules:
+            raise MilpError("memory.target_modules: the list of modules is empty")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any memory is injected at all."""
+        return self.num_loras > 0
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [f"{MEMORY_PREFIX}{i}" for i in range(self.num_loras)]
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of transformer blocks, and the attribute name peft matches it by."""
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    stacks = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if expected is not None:
+        stacks = [(n, m) for n, m in stacks if len(m) == expected] or stacks
+    if not stacks:
+        raise MilpError(f"{type(model).__name__}: no list of transformer layers found")
+    name, stack = max(stacks, key=lambda item: len(item[1]))
+    return name.rsplit(".", 1)[-1], stack
+
+
+def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
+    """Turn a preset or an explicit list into sorted layer indices, checked against the model."""
+    if isinstance(layers, str):
+        half = num_layers // 2
+        chosen = {
+            "all": range(num_layers),
+            "bottom_half": range(half),
+            "top_half": range(half, num_layers),
+            "every_other": range(0, num_layers, 2),
+        }[layers]
+        return list(chosen)
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise MilpError(
+            f"memory.layers: layer index {bad[0]} is out of range; the model has "
+            f"{num_layers} layers (0..{num_layers - 1})"
+        )
+    return sorted(set(layers))
+
+
+def _linear_names(block: nn.Module) -> list[str]:
+    return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+
+
+def resolve_target_modules(block: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """Expand `ffn`/`attention` into the module names this architecture uses, and check
+    every name exists in a transformer block."""
+    linear = _linear_names(block)
+
+    def present(name: str) -> bool:
+        return any(path == name or path.endswith("." + name) for path in linear)
+
+    resolved: list[str] = []
+    for target in target_modules:
+        if target in MODULE_FAMILIES:
+            found = [name for name in MODULE_FAMILIES[target] if present(name)]
+            if not found:
+                raise MilpError(
+                    f"memory.target_modules: this model has no {target} modules I know of; "
+                    f"name them explicitly from: {', '.join(sorted(set(linear)))}"
+                )
+            resolved += found
+        elif present(target):
+            resolved.append(target)
+        else:
+            raise MilpError(
+                f"memory.target_modules: {target!r} is not a linear module of the model's "
+                f"layers; choose from ffn, attention, {', '.join(sorted(set(linear)))}"
+            )
+    return list(dict.fromkeys(resolved))
+
+
+@dataclass(frozen=True)
+class MemoryPlacement:
+    """Where memory goes in a specific model: validated layers and module names."""
+
+    layers: list[int]
+    modules: list[str]
+    layers_pattern: str
+
+
+def place_memory(config: MemoryConfig, model: nn.Module) -> MemoryPlacement:
+    """Validate a memory config against a model, before any training starts."""
+    pattern, stack = find_layer_stack(model)
+    return MemoryPlacement(
+        layers=resolve_layers(config.layers, len(stack)),
+        modules=resolve_target_modules(stack[0], config.target_modules),
+        layers_pattern=pattern,
+    )
+
+
+def lora_config(config: MemoryConfig, placement: MemoryPlacement) -> LoraConfig:
+    """The peft configuration of one memory module."""
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=placement.modules,
+        layers_to_transform=placement.layers,
+        layers_pattern=placement.layers_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def inject_memory(model: nn.Module, config: MemoryConfig) -> PeftModel:
+    """Add fresh memory modules to `model` (in place) and make only them trainable.
+
+    Seed torch before calling: the modules' initial weights come from its generator.
+    """
+    if not config.enabled:
+        raise ValueError("inject_memory needs num_loras >= 1")
+    placement = place_memory(config, model)
+    peft_config = lora_config(config, placement)
+    names = config.adapter_names
+    peft_model = get_peft_model(model, peft_config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, lora_config(config, placement))
+    activate_memories(peft_model, names)
+    return peft_model
+
+
+def activate_memories(peft_model: PeftModel, names: Sequence[str]) -> None:
+    """Make all given adapters active together; in training mode, only they get gradients."""
+    # PeftModel.set_adapter takes one name; the underlying LoraModel takes a list.
+    peft_model.base_model.set_adapter(list(names))
+    for name, parameter in peft_model.named_parameters():
+        parameter.requires_grad = any(f".{n}." in name for n in names) and "lora_" in name
+
+
+def remove_memory(peft_model: PeftModel) -> nn.Module:
+    """Take the memory modules out again, returning the untouched base model."""
+    return peft_model.unload()
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters that receive gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_memory(peft_model: PeftModel, directory: str | Path, info: dict | None = None) -> Path:
+    """Save a user's memory modules as peft adapters, replacing `directory` atomically.
+
+    Layout: `directory/memory_<i>/{adapter_config.json, adapter_model.safetensors}` plus
+    `directory/memory.json` naming the modules (and whatever `info` adds). A crash while
+    saving leaves the previous copy, if any, as it was.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    names = [n for n in peft_model.peft_config if n.startswith(MEMORY_PREFIX)]
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        for name in names:
+            # Each adapter in its own folder, loadable alone with PeftModel.from_pretrained.
+            peft_model.save_pretrained(
+                staging / "_peft", selected_adapters=[name], safe_serialization=True
+            )
+            saved = staging / "_peft" / name
+            (saved if saved.is_dir() else staging / "_peft").rename(staging / name)
+            shutil.rmtree(staging / "_peft", ignore_errors=True)
+        (staging / "memory.json").write_text(json.dumps({"adapters": names} | (info or {}), indent=2))
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
+            os.rename(directory, old / "x")
+            os.rename(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_memory(model: nn.Module, directory: str | Path, trainable: bool = False) -> PeftModel:
+    """Load a saved user memory onto a base model, all its modules active."""
+    directory = Path(directory)
+    index = directory / "memory.json"
+    if not index.is_file():
+        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
+    names = json.loads(index.read_text())["adapters"]
+    peft_model = PeftModel.from_pretrained(
+        model, directory / names[0], adapter_name=names[0], is_trainable=trainable
+    )
+    for name in names[1:]:
+        peft_model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
+    activate_memories(peft_model, names)
+    if not trainable:
+        peft_model.requires_grad_(False)
+    return peft_model
+
+
+def memory_info(config: MemoryConfig, placement: MemoryPlacement) -> dict:
+    """What to record next to saved adapters about how they were made."""
+    return {"config": asdict(config), "layers": placement.layers, "modules": placement.modules}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every trainable tensor (used by tests and incremental updates)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

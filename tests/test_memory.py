@@ -1,0 +1,114 @@
+import re
+
+import pytest
+import torch
+from peft import PeftModel
+
+from milp.errors import MilpError
+from milp.memory import (
+    MemoryConfig,
+    inject_memory,
+    load_memory,
+    place_memory,
+    remove_memory,
+    save_memory,
+    trainable_parameters,
+)
+
+LORA_PARAM = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_[AB]\.(memory_\d+)\.weight$")
+
+
+def trainable_places(model) -> set[tuple[int, str, str]]:
+    places = set()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            match = LORA_PARAM.search(name)
+            assert match, f"unexpected trainable parameter {name}"
+            places.add((int(match.group(1)), match.group(3), match.group(4)))
+    return places
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [("all", [0, 1, 2, 3]), ("top_half", [2, 3]), ("bottom_half", [0, 1]),
+     ("every_other", [0, 2]), ([3, 1], [1, 3])],
+)
+def test_memory_goes_to_the_chosen_layers_and_ffn_only(llama, layers, expected):
+    model = inject_memory(llama, MemoryConfig(num_loras=2, rank=4, layers=layers))
+    ffn = ["down_proj", "gate_proj", "up_proj"]
+    assert trainable_places(model) == {
+        (layer, module, f"memory_{i}") for layer in expected for module in ffn for i in range(2)
+    }
+    # rank 4, hidden 32, ffn 64: per module A+B = 4*(in+out) = 4*96; 3 modules, 2 memories.
+    assert trainable_parameters(model) == len(expected) * 3 * 2 * 4 * 96
+
+
+def test_attention_and_explicit_modules(llama):
+    model = inject_memory(llama, MemoryConfig(num_loras=1, rank=2, layers=[0],
+                                              target_modules=["attention", "up_proj"]))
+    assert {m for _, m, _ in trainable_places(model)} == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj"}
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(layers=[0, 4]), "memory.layers: layer index 4 is out of range; the model has 4 layers"),
+        (dict(target_modules=["lm_head_x"]), "memory.target_modules: 'lm_head_x' is not a linear"),
+        (dict(rank=0), "memory.rank must be >= 1"),
+        (dict(layers="middle"), "memory.layers: unknown preset 'middle'"),
+        (dict(num_loras=-1), "memory.num_loras must be an integer >= 0"),
+    ],
+)
+def test_invalid_memory_config_is_named(llama, config, message):
+    with pytest.raises(MilpError, match=re.escape(message)):
+        place_memory(MemoryConfig(**config), llama)
+
+
+def test_save_load_round_trip_with_peft(llama, tmp_path):
+    torch.manual_seed(1)
+    model = inject_memory(llama, MemoryConfig(num_loras=2, rank=4, layers="top_half"))
+    for parameter in model.parameters():
+        if parameter.requires_grad:  # B starts at zero; make the memory non-trivial
+            parameter.data.normal_(std=0.5)
+    tokens = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        with_memory = model(tokens).logits
+    directory = save_memory(model, tmp_path / "alice", {"user_id": "alice"})
+    assert sorted(p.name for p in directory.iterdir()) == ["memory.json", "memory_0", "memory_1"]
+    assert (directory / "memory_0" / "adapter_model.safetensors").is_file()
+
+    base = remove_memory(model)
+    with torch.no_grad():
+        assert not torch.allclose(base(tokens).logits, with_memory)
+
+    restored = load_memory(base, directory)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(tokens).logits, with_memory)
+    assert trainable_parameters(restored) == 0
+
+    # Each memory module alone is a standard peft adapter.
+    base = remove_memory(restored)
+    single = PeftModel.from_pretrained(base, directory / "memory_0")
+    assert single.peft_config["default"].r == 4
+
+
+def test_save_replaces_atomically(llama, tmp_path):
+    model = inject_memory(llama, MemoryConfig(num_loras=1, rank=2))
+    save_memory(model, tmp_path / "u", {"version": 1})
+    save_memory(model, tmp_path / "u", {"version": 2})
+    assert '"version": 2' in (tmp_path / "u" / "memory.json").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["u"]  # no temporary leftovers
+
+
+def test_remove_memory_restores_the_base(llama):
+    tokens = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        before = llama(tokens).logits
+    model = inject_memory(llama, MemoryConfig(num_loras=1, rank=2))
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data.fill_(0.1)
+    base = remove_memory(model)
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).logits, before)
+    assert not any("lora" in name for name, _ in base.named_parameters())
