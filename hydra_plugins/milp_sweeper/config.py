@@ -1,0 +1,65 @@
+"""Structured config of the ``milp_nevergrad`` sweeper, registered with Hydra's ConfigStore.
+
+Select it with ``hydra/sweeper=milp_nevergrad`` (command line) or
+``defaults: [{override hydra/sweeper: milp_nevergrad}]`` (primary config).
+
+This module must stay import-cheap and side-effect free apart from the ConfigStore
+registration: Hydra's plugin discovery imports every module under ``hydra_plugins`` for
+every Hydra app, so nevergrad and wandb are only imported by the sweeper when it runs.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class OptimConf:
+    """How nevergrad searches."""
+
+    # Any name in ``nevergrad.optimizers.registry`` (BO, NGOpt, RandomSearch, CMA, ...).
+    optimizer: str = "BO"
+    # Total number of trials of the sweep (finished trials of a resumed sweep count too).
+    budget: int = 20
+    # Points asked per batch; a batch is launched together through the Hydra launcher.
+    num_workers: int = 1
+    # Seeds nevergrad's random state: the same sweep config gives the same trials.
+    seed: int = 0
+    # The task function returns a score to maximize (e.g. ROUGE-L); false = a loss.
+    maximize: bool = True
+
+
+@dataclass
+class WandbConf:
+    """Optional W&B summary run written at the end of the sweep (offline only)."""
+
+    enabled: bool = False
+    project: str = "milp"
+    # Only "offline" (or "disabled") is accepted: the sweeper never talks to the network.
+    mode: str = "offline"
+    # Run group; null means the name of the sweep directory.
+    group: str | None = None
+
+
+@dataclass
+class MilpNevergradSweeperConf:
+    """Config node ``hydra.sweeper`` for ``hydra/sweeper=milp_nevergrad``."""
+
+    _target_: str = "hydra_plugins.milp_sweeper.sweeper.MilpNevergradSweeper"
+    optim: OptimConf = field(default_factory=OptimConf)
+    # key -> list of choices | {lower, upper, log, integer, init, step} | sweep string
+    # (e.g. "interval(0,1)") | plain value (fixed for every trial). default_factory, not a
+    # mutable default: that is what breaks the published plugin on Python 3.11.
+    parametrization: dict[str, Any] = field(default_factory=dict)
+    # JSON-lines trial log, relative to hydra.sweep.dir; also what a re-run resumes from.
+    trials_file: str = "trials.jsonl"
+    wandb: WandbConf = field(default_factory=WandbConf)
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper",
+    name="milp_nevergrad",
+    node=MilpNevergradSweeperConf,
+    provider="milp",
+)
