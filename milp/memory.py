@@ -32,10 +32,32 @@ LAYER_PRESETS = ("all", "top_half", "bottom_half", "every_other")
 # Sub-module families by their usual names across Hugging Face architectures
 # (Llama/Qwen/Mistral, GPT-2, GPT-NeoX, Phi, OPT...). Only names the model has are used.
 MODULE_FAMILIES = {
-    "ffn": ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "mlp.c_proj",
-            "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"),
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "attn.c_proj",
-                  "query_key_value", "qkv_proj", "out_proj", "dense"),
+    "ffn": (
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "fc1",
+        "fc2",
+        "c_fc",
+        "mlp.c_proj",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+        "w1",
+        "w2",
+        "w3",
+    ),
+    "attention": (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "c_attn",
+        "attn.c_proj",
+        "query_key_value",
+        "qkv_proj",
+        "out_proj",
+        "dense",
+    ),
 }
 MEMORY_PREFIX = "memory_"
 
@@ -240,7 +262,9 @@ def save_memory(peft_model: PeftModel, directory: str | Path, info: dict | None 
             saved = staging / "_peft" / name
             (saved if saved.is_dir() else staging / "_peft").rename(staging / name)
             shutil.rmtree(staging / "_peft", ignore_errors=True)
-        (staging / "memory.json").write_text(json.dumps({"adapters": names} | (info or {}), indent=2))
+        (staging / "memory.json").write_text(
+            json.dumps({"adapters": names} | (info or {}), indent=2)
+        )
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
             os.rename(directory, old / "x")

@@ -100,7 +100,9 @@ class ResponseMetrics(Metric):
     def __init__(self) -> None:
         super().__init__()
         for name in METRIC_NAMES:
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+            )
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(

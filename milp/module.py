@@ -72,7 +72,9 @@ class MemoryInjectionModule(L.LightningModule):
                 **self.generation,
             )
         continuations = output[:, batch["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+        return [
+            t.strip() for t in self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
+        ]
 
     def _score(self, key: str, user_ids: list[str], predictions: list[str], golds: list) -> None:
         for user_id, prediction, gold in zip(user_ids, predictions, golds, strict=True):

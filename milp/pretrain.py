@@ -120,7 +120,8 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
             optimizer.zero_grad(set_to_none=True)
             step, loss_value = step + 1, loss.item()
             if step % 50 == 0 or step == steps:
-                print(f"pretrain epoch {epoch + 1}/{spec.epochs} step {step}/{steps} loss {loss_value:.3f}")
+                epochs = f"{epoch + 1}/{spec.epochs}"
+                print(f"pretrain epoch {epochs} step {step}/{steps} loss {loss_value:.3f}")
 
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -131,8 +132,12 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        summary = {"spec": asdict(spec), "final_loss": loss_value, "steps": step,
-                   "seconds": round(time.perf_counter() - started, 1)}
+        summary = {
+            "spec": asdict(spec),
+            "final_loss": loss_value,
+            "steps": step,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         (staging / "pretrain.json").write_text(json.dumps(summary, indent=2))
         try:
             os.rename(staging, directory)
@@ -156,7 +161,9 @@ def ensure_tiny_model(cache_dir: str | Path, spec: TinyModelSpec | None = None) 
 
 def load_tiny_model(cache_dir: str, dtype: str = "float32", **spec: object) -> BaseModel:
     """`model=tiny`: load the embedded default base model, building it if needed."""
-    spec_values = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
+    spec_values = (
+        OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
+    )
     directory = ensure_tiny_model(cache_dir, TinyModelSpec(**spec_values))
     return load_base_model(str(directory), dtype=dtype)
 

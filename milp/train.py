@@ -58,7 +58,10 @@ def average(results: list[dict], key: str) -> dict[str, float] | None:
 
 def format_table(rows: dict[str, dict[str, float] | None]) -> str:
     """A plain-text table of methods x metrics, as printed at the end of a run."""
-    header = f"{'method':<26}{'ROUGE-1':>9}{'ROUGE-L':>9}{'persona-F1':>12}{'BLEU':>8}{'users':>7}{'examples':>10}"
+    header = (
+        f"{'method':<26}{'ROUGE-1':>9}{'ROUGE-L':>9}{'persona-F1':>12}{'BLEU':>8}"
+        f"{'users':>7}{'examples':>10}"
+    )
     lines = [header, "-" * len(header)]
     for name, m in rows.items():
         if m:
@@ -89,7 +92,9 @@ def train_user(
             **cfg.optim,
             generation=OmegaConf.to_container(cfg.generation),
             compare_without_memory=cfg.compare_without_memory,
-            history_tokens={user.user_id: {t for text in user.profile_texts for t in tokenize(text)}},
+            history_tokens={
+                user.user_id: {t for text in user.profile_texts for t in tokenize(text)}
+            },
         )
         datamodule.select(user)
         callbacks = list(instantiate(cfg.callbacks).values()) if cfg.get("callbacks") else []
@@ -135,12 +140,18 @@ def run(cfg: DictConfig) -> float | None:
     datamodule.attach_tokenizer(base.tokenizer)
     if memory.enabled:
         placement = place_memory(memory, base.model)
-        log.info("memory: %d module(s) of rank %d on layers %s, modules %s",
-                 memory.num_loras, memory.rank, placement.layers, placement.modules)
+        log.info(
+            "memory: %d module(s) of rank %d on layers %s, modules %s",
+            memory.num_loras,
+            memory.rank,
+            placement.layers,
+            placement.modules,
+        )
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
 
-    fingerprint_cfg = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                       if k not in VOLATILE_KEYS}
+    fingerprint_cfg = {
+        k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
+    }
     store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     if logger is not None:
@@ -163,7 +174,9 @@ def run(cfg: DictConfig) -> float | None:
 
     summary = summarize(cfg, memory, results, datamodule)
     store.write_outputs(results, summary)
-    rows = {("memory injection" if memory.enabled else "zero-shot (memory=none)"): summary["memory"]}
+    rows = {
+        ("memory injection" if memory.enabled else "zero-shot (memory=none)"): summary["memory"]
+    }
     if summary.get("no_memory"):
         rows["no memory (same users)"] = summary["no_memory"]
     print(f"\n{datamodule.name} / split {cfg.split} / {len(users)} users\n{format_table(rows)}")

@@ -28,8 +28,13 @@ def llama() -> LlamaForCausalLM:
     """A randomly initialized 4-layer Llama: real modules, no download, built in ms."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
@@ -40,15 +45,24 @@ def milp_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("milp-cache")
 
 
-def run_milp(args: list[str], cache: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run_milp(
+    args: list[str], cache: Path, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
     """Run `python -m milp.train` for real, offline, with the test cache."""
     env = os.environ | {
-        "MILP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
+        "MILP_CACHE_DIR": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "TOKENIZERS_PARALLELISM": "false",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "milp.train", *args], cwd=ROOT, env=env,
-        capture_output=True, text=True, **kwargs,
+        [sys.executable, "-m", "milp.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"milp.train failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -21,8 +21,18 @@ LAMP4_QUESTIONS = [
         "id": "110",
         "input": "Generate a headline for the following article: Stocks fell today.",
         "profile": [
-            {"id": "1100", "text": "A new bridge opened.", "title": "Bridge opens", "date": "2019-05-01"},
-            {"id": "1101", "text": "Rain all week.", "title": "Wet week ahead", "date": "2018-01-02"},
+            {
+                "id": "1100",
+                "text": "A new bridge opened.",
+                "title": "Bridge opens",
+                "date": "2019-05-01",
+            },
+            {
+                "id": "1101",
+                "text": "Rain all week.",
+                "title": "Wet week ahead",
+                "date": "2018-01-02",
+            },
         ],
     },
     {
@@ -41,20 +51,33 @@ def test_lamp4_user_based_schema(tmp_path):
     first = users[0]
     # Oldest first, whatever the file order.
     assert [p.target for p in first.history] == ["Wet week ahead", "Bridge opens"]
-    assert first.history[0].prompt == "Generate a headline for the following article: Rain all week."
+    assert (
+        first.history[0].prompt == "Generate a headline for the following article: Rain all week."
+    )
     assert first.queries[0].gold == "Markets slide"
     assert first.profile_texts == ["Wet week ahead", "Bridge opens"]
     assert len(load_lamp_split("lamp4", tmp_path, "dev", max_history=1)[0].history) == 1
 
 
 def test_lamp5_and_lamp7_fields(tmp_path):
-    q5 = [{"id": "5", "input": "Generate a title for the following abstract of a paper: X",
-           "profile": [{"id": "a", "title": "On Graphs", "abstract": "We study graphs."}]}]
+    q5 = [
+        {
+            "id": "5",
+            "input": "Generate a title for the following abstract of a paper: X",
+            "profile": [{"id": "a", "title": "On Graphs", "abstract": "We study graphs."}],
+        }
+    ]
     write_lamp(tmp_path, q5, [{"id": "5", "output": "T"}], task="LaMP_5", split="test")
     pair = load_lamp_split("LaMP_5", tmp_path, "test")[0].history[0]
     assert pair.target == "On Graphs" and pair.prompt.endswith("We study graphs.")
-    q7 = [{"id": "7", "input": "Paraphrase the following tweet without any explanation before "
-           "or after it: hi", "profile": [{"id": "t", "text": "good morning all"}]}]
+    q7 = [
+        {
+            "id": "7",
+            "input": "Paraphrase the following tweet without any explanation before "
+            "or after it: hi",
+            "profile": [{"id": "t", "text": "good morning all"}],
+        }
+    ]
     write_lamp(tmp_path, q7, [{"id": "7", "output": "hello"}], task="LaMP_7", split="train")
     assert load_lamp_split("7", tmp_path, "train")[0].history[0].target == "good morning all"
 
@@ -63,8 +86,12 @@ def test_time_based_split_groups_questions_by_user(tmp_path):
     profile = [{"id": "p1", "text": "t", "title": "h", "date": 3}]
     questions = [
         {"id": "q1", "user_id": "u", "input": "a", "profile": profile},
-        {"id": "q2", "user_id": "u", "input": "b",
-         "profile": profile + [{"id": "p2", "text": "t2", "title": "h2", "date": 1}]},
+        {
+            "id": "q2",
+            "user_id": "u",
+            "input": "b",
+            "profile": profile + [{"id": "p2", "text": "t2", "title": "h2", "date": 1}],
+        },
     ]
     write_lamp(tmp_path, questions, [{"id": "q1", "output": "x"}, {"id": "q2", "output": "y"}])
     (user,) = load_lamp_split("LaMP_4", tmp_path, "dev")
@@ -75,8 +102,10 @@ def test_time_based_split_groups_questions_by_user(tmp_path):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda q, g: q.__setitem__(0, {k: v for k, v in q[0].items() if k != "input"}),
-         "record 0 (id='110'): missing 'input'"),
+        (
+            lambda q, g: q.__setitem__(0, {k: v for k, v in q[0].items() if k != "input"}),
+            "record 0 (id='110'): missing 'input'",
+        ),
         (lambda q, g: q[1].pop("profile"), "record 1 (id='111'): missing 'profile'"),
         (lambda q, g: q[1].__setitem__("profile", []), "record 1 (id='111'): empty 'profile'"),
         (lambda q, g: q[0]["profile"][1].pop("title"), "profile item 1 misses 'title'"),
@@ -119,8 +148,11 @@ def test_test_split_without_golds(tmp_path):
 
 def test_history_jsonl(tmp_path):
     path = tmp_path / "users.jsonl"
-    record = {"user_id": "alice", "history": [{"prompt": "hi", "response": "hey!"}],
-              "queries": [{"id": "q", "prompt": "yo", "response": "sup"}, {"prompt": "x"}]}
+    record = {
+        "user_id": "alice",
+        "history": [{"prompt": "hi", "response": "hey!"}],
+        "queries": [{"id": "q", "prompt": "yo", "response": "sup"}, {"prompt": "x"}],
+    }
     path.write_text(json.dumps(record) + "\n\n")
     (user,) = load_history_users(path)
     assert user.history[0].target == "hey!" and user.queries[1].gold is None

@@ -30,8 +30,13 @@ def trainable_places(model) -> set[tuple[int, str, str]]:
 
 @pytest.mark.parametrize(
     "layers, expected",
-    [("all", [0, 1, 2, 3]), ("top_half", [2, 3]), ("bottom_half", [0, 1]),
-     ("every_other", [0, 2]), ([3, 1], [1, 3])],
+    [
+        ("all", [0, 1, 2, 3]),
+        ("top_half", [2, 3]),
+        ("bottom_half", [0, 1]),
+        ("every_other", [0, 2]),
+        ([3, 1], [1, 3]),
+    ],
 )
 def test_memory_goes_to_the_chosen_layers_and_ffn_only(llama, layers, expected):
     model = inject_memory(llama, MemoryConfig(num_loras=2, rank=4, layers=layers))
@@ -44,15 +49,26 @@ def test_memory_goes_to_the_chosen_layers_and_ffn_only(llama, layers, expected):
 
 
 def test_attention_and_explicit_modules(llama):
-    model = inject_memory(llama, MemoryConfig(num_loras=1, rank=2, layers=[0],
-                                              target_modules=["attention", "up_proj"]))
-    assert {m for _, m, _ in trainable_places(model)} == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj"}
+    model = inject_memory(
+        llama,
+        MemoryConfig(num_loras=1, rank=2, layers=[0], target_modules=["attention", "up_proj"]),
+    )
+    assert {m for _, m, _ in trainable_places(model)} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+    }
 
 
 @pytest.mark.parametrize(
     "config, message",
     [
-        (dict(layers=[0, 4]), "memory.layers: layer index 4 is out of range; the model has 4 layers"),
+        (
+            dict(layers=[0, 4]),
+            "memory.layers: layer index 4 is out of range; the model has 4 layers",
+        ),
         (dict(target_modules=["lm_head_x"]), "memory.target_modules: 'lm_head_x' is not a linear"),
         (dict(rank=0), "memory.rank must be >= 1"),
         (dict(layers="middle"), "memory.layers: unknown preset 'middle'"),

@@ -55,7 +55,10 @@ class PromptFormat:
 
     def encode_pair(self, tokenizer, pair: HistoryPair) -> tuple[list[int], list[int]]:
         """Input ids and labels for one history pair; the loss falls on the target only."""
-        prompt, target = self.prompt_ids(tokenizer, pair.prompt), self.target_ids(tokenizer, pair.target)
+        prompt, target = (
+            self.prompt_ids(tokenizer, pair.prompt),
+            self.target_ids(tokenizer, pair.target),
+        )
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
 
@@ -162,7 +165,9 @@ class UserDataModule(L.LightningDataModule):
         self._check_ready()
         queries = [(user.user_id, q) for user in self.selected for q in user.queries]
         return DataLoader(
-            queries, batch_size=self.eval_batch_size, collate_fn=QueryCollator(self.tokenizer, self.format)
+            queries,
+            batch_size=self.eval_batch_size,
+            collate_fn=QueryCollator(self.tokenizer, self.format),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -130,7 +130,11 @@ def read_golds(path: Path, task: LampTask) -> dict[str, str]:
         raise MilpError(f"{path}: holds golds of task {file_task!r}, but data.task is {task.name}")
     golds: dict[str, str] = {}
     for index, gold in enumerate(data["golds"]):
-        if not isinstance(gold, dict) or "id" not in gold or not isinstance(gold.get("output"), str):
+        if (
+            not isinstance(gold, dict)
+            or "id" not in gold
+            or not isinstance(gold.get("output"), str)
+        ):
             raise MilpError(f"{path}: gold {index} needs 'id' and 'output' (a string)")
         golds[str(gold["id"])] = gold["output"]
     return golds

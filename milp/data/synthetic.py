@@ -36,10 +36,22 @@ GENERATOR_VERSION = 2
 HEADLINE_PREFIX = "Generate a headline for the following article: "
 
 SUBJECTS = [
-    "the city council", "local farmers", "the football club", "the state university",
-    "a tech startup", "the national museum", "hospital staff", "the school board",
-    "the central bank", "a rock band", "the weather service", "the transit agency",
-    "the mayor", "a bakery chain", "the police department", "the chess club",
+    "the city council",
+    "local farmers",
+    "the football club",
+    "the state university",
+    "a tech startup",
+    "the national museum",
+    "hospital staff",
+    "the school board",
+    "the central bank",
+    "a rock band",
+    "the weather service",
+    "the transit agency",
+    "the mayor",
+    "a bakery chain",
+    "the police department",
+    "the chess club",
 ]
 VERBS = {
     "approves": ["greenlights", "okays", "backs", "endorses"],
@@ -56,19 +68,49 @@ VERBS = {
     "tests": ["trials", "pilots", "probes", "checks"],
 }
 OBJECTS = [
-    "new budget", "night market", "summer festival", "regional title", "bridge repairs",
-    "ticket prices", "new director", "anniversary party", "parking plan", "school lunches",
-    "water fees", "bike lanes", "solar panels", "library hours", "food trucks", "bus routes",
+    "new budget",
+    "night market",
+    "summer festival",
+    "regional title",
+    "bridge repairs",
+    "ticket prices",
+    "new director",
+    "anniversary party",
+    "parking plan",
+    "school lunches",
+    "water fees",
+    "bike lanes",
+    "solar panels",
+    "library hours",
+    "food trucks",
+    "bus routes",
 ]
 PLACES = [
-    "in springfield", "in riverdale", "downtown", "near the harbor", "in oak valley",
-    "in the old town", "on main street", "at city hall", "in maple grove", "uptown",
+    "in springfield",
+    "in riverdale",
+    "downtown",
+    "near the harbor",
+    "in oak valley",
+    "in the old town",
+    "on main street",
+    "at city hall",
+    "in maple grove",
+    "uptown",
 ]
 OPENERS = ["breaking :", "just in :", "update :", "watch :", "exclusive :", "big news :", ""]
 OUTLETS = [
-    "harbor herald", "valley voice", "daily drum", "metro minute", "town crier",
-    "evening post", "river times", "the beacon", "morning bugle", "city pulse",
-    "north star", "weekly wire",
+    "harbor herald",
+    "valley voice",
+    "daily drum",
+    "metro minute",
+    "town crier",
+    "evening post",
+    "river times",
+    "the beacon",
+    "morning bugle",
+    "city pulse",
+    "north star",
+    "weekly wire",
 ]
 FILLERS = [
     "officials said more details would follow next month .",
@@ -101,8 +143,10 @@ class WriterStyle:
         if self.drop_article:
             subject = subject.removeprefix("the ").removeprefix("a ")
         verb = self.synonyms.get(verb, verb)
-        core = f"{place} : {subject} {verb} {obj}" if self.place_first else (
-            f"{subject} {verb} {obj} {place}"
+        core = (
+            f"{place} : {subject} {verb} {obj}"
+            if self.place_first
+            else (f"{subject} {verb} {obj} {place}")
         )
         opener = self.opener if self.opener and rng.random() < self.opener_rate else ""
         return " ".join(part for part in (opener, core, f"| {self.outlet}") if part)
@@ -176,8 +220,12 @@ def _user_records(user_id: str, rng: random.Random) -> tuple[list[dict], list[di
     for day, article, title in items[size:]:
         question_id = f"{user_id}-q{day}"
         questions.append(
-            {"id": question_id, "user_id": user_id, "input": HEADLINE_PREFIX + article,
-             "profile": profile}
+            {
+                "id": question_id,
+                "user_id": user_id,
+                "input": HEADLINE_PREFIX + article,
+                "profile": profile,
+            }
         )
         golds.append({"id": question_id, "output": title})
     return questions, golds

@@ -1,0 +1,197 @@
+"""End-to-end runs of `python -m milp.train` on a tiny real config (model, data, W&B)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
+
+from milp.memory import load_memory
+from milp.model import load_base_model
+
+FAST = [
+    "+experiment=lamp",
+    *TINY_MODEL_OVERRIDES,
+    "data.users.max_users=3",
+    "trainer.max_epochs=2",
+    "memory.rank=2",
+    "generation.max_new_tokens=12",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def test_end_to_end_run_writes_adapters_predictions_and_metrics(milp_cache, tmp_path):
+    out = tmp_path / "run"
+    result = run_milp([*FAST, "logger=csv", f"hydra.run.dir={out}"], milp_cache)
+    assert "memory injection" in result.stdout and "no memory (same users)" in result.stdout
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["users"] == 3 and metrics["memory"]["examples"] == 9
+    assert metrics["objective"] == metrics["memory"]["rougeL"]
+    predictions = [
+        json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == 9 and {"prediction", "prediction_no_memory", "gold"} <= set(
+        predictions[0]
+    )
+    assert (out / "csv").is_dir()
+
+    # A saved user memory reproduces that user's answers when loaded elsewhere.
+    model_dir = next((milp_cache / "models").iterdir())
+    base = load_base_model(str(model_dir))
+    memory = load_memory(base.model, out / "adapters" / "test-u000")
+    first = predictions[0]
+    from milp.data.datamodule import PromptFormat
+    from milp.data.synthetic import load_synthetic_users
+
+    query = load_synthetic_users(milp_cache / "data", "test")[0].queries[0]
+    ids = torch.tensor(
+        [PromptFormat(max_target_tokens=48).prompt_ids(base.tokenizer, query.prompt)]
+    )
+    output = memory.generate(
+        input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=base.tokenizer.pad_token_id
+    )
+    assert (
+        base.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        == first["prediction"]
+    )
+
+    # Same config, new directory: the same numbers (seeded, deterministic).
+    again = tmp_path / "again"
+    run_milp([*FAST, "logger=none", f"hydra.run.dir={again}"], milp_cache)
+    assert json.loads((again / "metrics.json").read_text())["memory"] == metrics["memory"]
+
+    # memory=none is the zero-shot baseline through the same path: same numbers as the
+    # no-memory column of the memory run.
+    zero = tmp_path / "zero"
+    run_milp([*FAST, "memory=none", "logger=none", f"hydra.run.dir={zero}"], milp_cache)
+    zero_metrics = json.loads((zero / "metrics.json").read_text())
+    assert zero_metrics["memory"]["rougeL"] == pytest.approx(metrics["no_memory"]["rougeL"])
+    assert not (zero / "adapters").exists()
+
+
+def test_wandb_offline_run(milp_cache, tmp_path):
+    out = tmp_path / "run"
+    run_milp([*FAST, "data.users.max_users=1", "logger=wandb", f"hydra.run.dir={out}"], milp_cache)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("memory.rank=0", "memory.rank must be >= 1"),
+        ("memory.layers=[0,9]", "memory.layers: layer index 9 is out of range"),
+        ("memory.target_modules=[nope]", "memory.target_modules: 'nope'"),
+        ("objective=accuracy", "objective: 'accuracy' is not one of"),
+    ],
+)
+def test_bad_config_fails_before_training_with_one_line(milp_cache, tmp_path, override, message):
+    result = run_milp(
+        [*FAST, override, "logger=none", f"hydra.run.dir={tmp_path}"], milp_cache, check=False
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("milp: error:") and message in last
+    assert not (tmp_path / "users").exists()
+
+
+def test_bad_data_path_is_named(milp_cache, tmp_path):
+    result = run_milp(
+        [
+            *FAST,
+            "data=lamp4",
+            f"data.path={tmp_path}/nowhere",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        milp_cache,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "nowhere/test_questions.json: file not found" in result.stderr
+
+
+def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
+    data = tmp_path / "lamp4"
+    data.mkdir()
+    questions = [
+        {
+            "id": f"q{i}",
+            "input": f"Generate a headline for the following article: story {i} .",
+            "profile": [
+                {"id": f"p{i}{j}", "text": f"article {j} about town", "title": f"town news {j}"}
+                for j in range(3)
+            ],
+        }
+        for i in range(2)
+    ]
+    (data / "dev_questions.json").write_text(json.dumps(questions))
+    (data / "dev_outputs.json").write_text(
+        json.dumps(
+            {
+                "task": "LaMP_4",
+                "golds": [{"id": "q0", "output": "town news"}, {"id": "q1", "output": "x"}],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    run_milp(
+        [
+            *FAST,
+            "data=lamp4",
+            f"data.path={data}",
+            "split=dev",
+            "logger=none",
+            f"hydra.run.dir={out}",
+        ],
+        milp_cache,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["users"] == 2 and metrics["data"] == "lamp4"
+    assert (out / "adapters" / "q1" / "memory_0" / "adapter_config.json").is_file()
+
+
+def test_interrupted_run_keeps_finished_users_and_resumes(milp_cache, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, "data.users.max_users=4", "logger=none", f"hydra.run.dir={out}"]
+    run_milp(
+        [*FAST, "data.users.max_users=1", "logger=none", f"hydra.run.dir={tmp_path}/warm"],
+        milp_cache,
+    )  # builds the model first, so the timing below is about users
+    env = os.environ | {"MILP_CACHE_DIR": str(milp_cache), "WANDB_MODE": "offline"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "milp.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = out / "users" / "test-u000.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), "first user never finished"
+    process.send_signal(signal.SIGINT)  # Ctrl-C while later users are in progress
+    process.wait(timeout=60)
+    done = sorted(p.name for p in (out / "users").glob("*.json"))
+    assert 1 <= len(done) < 4
+    stamps = {name: (out / "users" / name).stat().st_mtime_ns for name in done}
+    assert load_memory(
+        load_base_model(str(next((milp_cache / "models").iterdir()))).model,
+        out / "adapters" / "test-u000",
+    )
+
+    run_milp(args, milp_cache)  # same directory: finishes the rest only
+    assert {name: (out / "users" / name).stat().st_mtime_ns for name in done} == stamps
+    assert json.loads((out / "metrics.json").read_text())["users"] == 4
+
+    # A different configuration must not silently mix into these results.
+    clash = run_milp([*args, "memory.rank=4"], milp_cache, check=False)
+    assert clash.returncode == 2 and "different configuration" in clash.stderr
