@@ -9,6 +9,21 @@ active together, so a user's memory is saved and loaded as plain peft adapters
 N modules of rank r on the same layers can express what one rank N*r module can, but
 each is scaled and initialized on its own; that is the "number of memories"
 dimension of MiLP's search space.
+
+Where the memory goes has two settings. `layers` is a preset (`all`, `top_half`,
+`bottom_half`, `every_other`) or an explicit list, for hand-written configs and coarse
+ablations. For a fine search, `window_start` / `window_length` place the memory on one
+contiguous block of layers (`start .. start+length-1`, clipped at the top layer; a start
+without a length runs to the top); when `window_start` is set it replaces `layers`.
+We chose a window over a per-layer on/off mask: a mask is 2^L combinations (256 for 8
+layers, 2^32 for a 7B model) in L binary dimensions, which a Gaussian-process search with
+20-30 trials cannot model; the window is two ordinal dimensions whose neighbours are
+similar placements, the kind of structure BO exploits, and it still covers the presets
+other than `every_other` (`all`, `top_half`, `bottom_half` are windows).
+
+`target_modules` takes a list (`[ffn]`, `[attention, up_proj]`) or one string, where
+`+` joins families or names: `ffn`, `attention`, `ffn+attention` (so a sweep can choose
+among plain strings).
 """
 
 from __future__ import annotations
@@ -71,13 +86,37 @@ class MemoryConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     layers: str | list[int] = "all"
-    target_modules: list[str] = field(default_factory=lambda: ["ffn"])
+    target_modules: str | list[str] = field(default_factory=lambda: ["ffn"])
+    # A contiguous block of layers (replaces `layers` when set); see the module docstring.
+    window_start: int | None = None
+    window_length: int | None = None
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig objects; plain lists keep the config serializable.
         if not isinstance(self.layers, str):
             self.layers = [int(i) for i in self.layers]
+        if isinstance(self.target_modules, str):  # alias: "ffn", "attention", "ffn+attention"
+            self.target_modules = [m.strip() for m in self.target_modules.split("+")]
+            if not all(self.target_modules):
+                raise MilpError(
+                    "memory.target_modules: empty name in '+'-joined modules "
+                    f"{'+'.join(self.target_modules)!r}"
+                )
         self.target_modules = [str(m) for m in self.target_modules]
+        for key in ("window_start", "window_length"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or value % 1:
+                raise MilpError(f"memory.{key} must be an integer or null, got {value!r}")
+            setattr(self, key, int(value))
+        if self.window_start is not None and self.window_start < 0:
+            raise MilpError(f"memory.window_start must be >= 0, got {self.window_start}")
+        if self.window_length is not None:
+            if self.window_length < 1:
+                raise MilpError(f"memory.window_length must be >= 1, got {self.window_length}")
+            if self.window_start is None:
+                raise MilpError("memory.window_length is set but memory.window_start is not")
         if int(self.num_loras) != self.num_loras or self.num_loras < 0:
             raise MilpError(f"memory.num_loras must be an integer >= 0, got {self.num_loras}")
         if self.num_loras and self.rank < 1:
@@ -95,6 +134,11 @@ class MemoryConfig:
             raise MilpError("memory.layers: the list of layers is empty")
         if self.num_loras and not self.target_modules:
             raise MilpError("memory.target_modules: the list of modules is empty")
+
+    @property
+    def window(self) -> tuple[int, int | None] | None:
+        """(start, length or None) when a layer window is set, else None."""
+        return None if self.window_start is None else (self.window_start, self.window_length)
 
     @property
     def enabled(self) -> bool:
@@ -142,6 +186,18 @@ def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def resolve_window(start: int, length: int | None, num_layers: int) -> list[int]:
+    """Layers of a contiguous window ``start .. start+length-1``, clipped at the top layer
+    (``length=None``: up to the top); the start must be a layer of the model."""
+    if not 0 <= start < num_layers:
+        raise MilpError(
+            f"memory.window_start: layer {start} is out of range; the model has "
+            f"{num_layers} layers (0..{num_layers - 1})"
+        )
+    end = num_layers if length is None else min(start + length, num_layers)
+    return list(range(start, end))
+
+
 def _linear_names(block: nn.Module) -> list[str]:
     return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
 
@@ -186,8 +242,13 @@ class MemoryPlacement:
 def place_memory(config: MemoryConfig, model: nn.Module) -> MemoryPlacement:
     """Validate a memory config against a model, before any training starts."""
     pattern, stack = find_layer_stack(model)
+    window = config.window
     return MemoryPlacement(
-        layers=resolve_layers(config.layers, len(stack)),
+        layers=(
+            resolve_layers(config.layers, len(stack))
+            if window is None
+            else resolve_window(*window, len(stack))
+        ),
         modules=resolve_target_modules(stack[0], config.target_modules),
         layers_pattern=pattern,
     )

@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +45,19 @@ log = logging.getLogger("milp")
 
 # Settings that do not change a user's results, left out of the run's fingerprint.
 VOLATILE_KEYS = ("logger", "paths", "callbacks")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting our one-line errors through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, MilpError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def average(results: list[dict], key: str) -> dict[str, float] | None:
@@ -134,9 +148,9 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.objective not in METRIC_NAMES:
         raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(METRIC_NAMES)}")
     # Validate everything before the first user trains: memory config, data, model.
-    memory: MemoryConfig = instantiate(cfg.memory)
-    datamodule: UserDataModule = instantiate(cfg.data)
-    base: BaseModel = instantiate(cfg.model)
+    memory: MemoryConfig = build(cfg.memory)
+    datamodule: UserDataModule = build(cfg.data)
+    base: BaseModel = build(cfg.model)
     datamodule.attach_tokenizer(base.tokenizer)
     if memory.enabled:
         placement = place_memory(memory, base.model)

@@ -117,11 +117,13 @@ class UserDataModule(L.LightningDataModule):
         min_history: int = 1,
         name: str = "data",
         task: str | None = None,
+        path: str | None = None,
     ) -> None:
         super().__init__()
         self.format = prompt_format or PromptFormat()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.name, self.task = name, task
+        # `path` is where the users were read from (data.path), kept for reports.
+        self.name, self.task, self.path = name, task, path
         for user in users:
             if len(user.history) < min_history:
                 raise MilpError(

@@ -1,0 +1,462 @@
+"""Stacked per-user memories: many users' LoRA modules trained in one forward/backward pass.
+
+peft holds one set of LoRA weights per adapter and refuses to mix adapters in a batch
+while training, so milp keeps its own, small equivalent for the batched path: a
+`MemoryBank` stacks the memories of `slots` users, per target linear module, as
+
+    lora_A: [slots, num_loras * rank, in_features]
+    lora_B: [slots, out_features, num_loras * rank]
+
+and `RoutedLinear` (put in place of each target `nn.Linear`) adds, for every example
+(row) of a batch, the memory of the slot that row is routed to:
+
+    y[n] = base(x[n]) + (alpha / rank) * x[n] @ A[s(n)]^T @ B[s(n)]^T
+
+The `num_loras` modules of a user share the scale `alpha / rank`, so stacking them along
+the rank dimension is exactly their sum, as peft computes it with all memories active.
+Gradients reach only the slot a row is routed to, so users never touch each other's
+weights. The optimizer (`SlotAdamW`) and gradient clipping (`clip_grad_norm_per_slot`)
+keep per-slot state and step counts, so each user follows the trajectory it would follow
+alone (global-norm clipping over all users would couple them).
+
+Weights go in and out in peft's own layout (`peft_state_dicts`, `read_memory`,
+`write_memory`): a user's memory written here is read by `milp.memory.load_memory` and
+`PeftModel.from_pretrained` like one trained by the peft path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from milp.errors import MilpError
+from milp.memory import MemoryConfig, inject_memory, lora_config, place_memory, remove_memory
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Target:
+    """One linear module that carries memory: its path in the base model and its shape."""
+
+    path: str
+    in_features: int
+    out_features: int
+
+
+def memory_targets(model: nn.Module, memory: MemoryConfig) -> list[Target]:
+    """The modules peft puts memory on, in peft's order, found by letting peft inject once.
+
+    The global RNG is left as it was, so callers can seed before or after.
+    """
+    with torch.random.fork_rng(devices=[]):
+        peft_model = inject_memory(model, memory)
+        try:
+            targets = [
+                Target(path, module.in_features, module.out_features)
+                for path, module in peft_model.base_model.model.named_modules()
+                if isinstance(module, LoraLayer)
+            ]
+        finally:
+            remove_memory(peft_model)
+    for target in targets:
+        if not isinstance(model.get_submodule(target.path), nn.Linear):
+            raise MilpError(f"batched memory supports nn.Linear targets only, not {target.path}")
+    return targets
+
+
+# A user's memory, aligned with a bank's targets: (A [K*r, in], B [out, K*r]) per target.
+UserWeights = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def fresh_weights(targets: Sequence[Target], memory: MemoryConfig) -> UserWeights:
+    """Initial memory weights, drawn from the global RNG exactly as peft draws them.
+
+    peft creates, per adapter and per target module in order, `nn.Linear(in, r)` and
+    `nn.Linear(r, out)` (each initializing itself: kaiming-uniform, a=sqrt(5)), then
+    re-initializes A the same way and zeroes B. Replaying those draws after the same
+    seed gives bit-identical weights to `inject_memory` (a test checks it).
+    """
+    r, k = memory.rank, memory.num_loras
+    weights = [(torch.empty(k * r, t.in_features), torch.zeros(t.out_features, k * r)) for t in targets]
+    for adapter in range(k):
+        for target, (a, _) in zip(targets, weights, strict=True):
+            torch.empty(r, target.in_features).uniform_(*_kaiming_bounds(target.in_features))
+            torch.empty(target.out_features, r).uniform_(*_kaiming_bounds(r))
+            a[adapter * r : (adapter + 1) * r].uniform_(*_kaiming_bounds(target.in_features))
+    return weights
+
+
+def _kaiming_bounds(fan_in: int) -> tuple[float, float]:
+    # nn.init.kaiming_uniform_(w, a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain*sqrt(3/fan_in).
+    bound = math.sqrt(2.0 / 6.0) * math.sqrt(3.0 / fan_in)
+    return -bound, bound
+
+
+def peft_state_dicts(
+    targets: Sequence[Target], weights: UserWeights, memory: MemoryConfig
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A user's memory as peft adapter state dicts (`memory_<i>` -> saved keys)."""
+    r = memory.rank
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, name in enumerate(memory.adapter_names):
+        state = {}
+        for target, (a, b) in zip(targets, weights, strict=True):
+            key = PEFT_PREFIX + target.path
+            state[f"{key}.lora_A.weight"] = a[k * r : (k + 1) * r].contiguous()
+            state[f"{key}.lora_B.weight"] = b[:, k * r : (k + 1) * r].contiguous()
+        out[name] = state
+    return out
+
+
+def read_memory(directory: str | Path, targets: Sequence[Target], memory: MemoryConfig) -> UserWeights:
+    """Read a saved user memory (peft adapters + memory.json) into bank layout.
+
+    The saved memory must have the shape of `memory` (number of modules, rank, alpha,
+    target modules); anything else is a one-line error naming what differs.
+    """
+    directory = Path(directory)
+    index = directory / "memory.json"
+    if not index.is_file():
+        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
+    names = json.loads(index.read_text())["adapters"]
+    if len(names) != memory.num_loras:
+        raise MilpError(
+            f"{directory}: holds {len(names)} memory module(s), memory.num_loras is "
+            f"{memory.num_loras}"
+        )
+    r = memory.rank
+    a_parts: list[list[torch.Tensor]] = [[] for _ in targets]
+    b_parts: list[list[torch.Tensor]] = [[] for _ in targets]
+    for name in names:
+        config = json.loads((directory / name / "adapter_config.json").read_text())
+        if config.get("r") != r or float(config.get("lora_alpha")) != float(memory.alpha):
+            raise MilpError(
+                f"{directory / name}: rank {config.get('r')} / alpha {config.get('lora_alpha')}"
+                f" differ from memory.rank={r} / memory.alpha={memory.alpha}"
+            )
+        state = load_file(directory / name / "adapter_model.safetensors")
+        expected = {f"{PEFT_PREFIX}{t.path}.lora_{m}.weight" for t in targets for m in "AB"}
+        if set(state) != expected:
+            missing = sorted(expected - set(state))
+            extra = sorted(set(state) - expected)
+            raise MilpError(
+                f"{directory / name}: placed on other modules than this memory config "
+                f"(missing {missing[:1]}, unexpected {extra[:1]})"
+            )
+        for i, target in enumerate(targets):
+            key = PEFT_PREFIX + target.path
+            a_parts[i].append(state[f"{key}.lora_A.weight"].float())
+            b_parts[i].append(state[f"{key}.lora_B.weight"].float())
+    return [(torch.cat(a, 0), torch.cat(b, 1)) for a, b in zip(a_parts, b_parts, strict=True)]
+
+
+def write_memory(
+    directory: str | Path,
+    targets: Sequence[Target],
+    weights: UserWeights,
+    memory: MemoryConfig,
+    model: nn.Module,
+    info: dict | None = None,
+) -> Path:
+    """Save a user's memory in the layout of `milp.memory.save_memory`, atomically.
+
+    `directory/memory_<i>/{adapter_config.json, adapter_model.safetensors}` (plain peft
+    adapters) and `directory/memory.json`; a crash leaves any previous copy untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    config = lora_config(memory, place_memory(memory, model))
+    config.base_model_name_or_path = getattr(model, "name_or_path", None)
+    config.inference_mode = True
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        for name, state in peft_state_dicts(targets, weights, memory).items():
+            (staging / name).mkdir()
+            config.save_pretrained(str(staging / name))
+            save_file(state, str(staging / name / "adapter_model.safetensors"), {"format": "pt"})
+        names = memory.adapter_names
+        (staging / "memory.json").write_text(json.dumps({"adapters": names} | (info or {}), indent=2))
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
+            os.rename(directory, old / "x")
+            os.rename(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+class _RoutedLoRA(torch.autograd.Function):
+    """base_out + scaling * x @ A[index]^T @ B[index]^T, row by row.
+
+    A custom function so that the per-row gathered weights are not kept for backward
+    (for a 7B model they would outweigh the activations); they are gathered again.
+    """
+
+    @staticmethod
+    def forward(ctx, base_out, x, lora_a, lora_b, index, scaling):
+        dtype = base_out.dtype
+        a = lora_a.index_select(0, index).to(dtype)
+        b = lora_b.index_select(0, index).to(dtype)
+        h = torch.bmm(x.to(dtype), a.transpose(1, 2)) * scaling
+        ctx.save_for_backward(x, h, lora_a, lora_b, index)
+        ctx.scaling = scaling
+        return torch.baddbmm(base_out, h, b.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, h, lora_a, lora_b, index = ctx.saved_tensors
+        dtype = grad_out.dtype
+        b = lora_b.index_select(0, index).to(dtype)
+        grad_b = torch.zeros_like(lora_b).index_add_(
+            0, index, torch.bmm(grad_out.transpose(1, 2), h).to(lora_b.dtype)
+        )
+        grad_h = torch.bmm(grad_out, b) * ctx.scaling
+        grad_a = torch.zeros_like(lora_a).index_add_(
+            0, index, torch.bmm(grad_h.transpose(1, 2), x.to(dtype)).to(lora_a.dtype)
+        )
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            a = lora_a.index_select(0, index).to(dtype)
+            grad_x = torch.bmm(grad_h, a).to(x.dtype)
+        return grad_out, grad_x, grad_a, grad_b, None, None
+
+
+class MemoryBank(nn.Module):
+    """The stacked memories of `slots` users and the routing of rows to slots."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        slots: int,
+        memory: MemoryConfig,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not memory.enabled:
+            raise ValueError("MemoryBank needs num_loras >= 1")
+        self.targets = list(targets)
+        self.slots, self.memory = slots, memory
+        self.scaling = memory.alpha / memory.rank
+        width = memory.num_loras * memory.rank
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.zeros(slots, width, t.in_features, device=device)) for t in targets
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(slots, t.out_features, width, device=device)) for t in targets
+        )
+        self.index: torch.Tensor | None = None  # slot of each row; -1: no memory
+
+    @torch.no_grad()
+    def load_user(self, slot: int, weights: UserWeights) -> None:
+        """Put a user's memory into a slot."""
+        for a_param, b_param, (a, b) in zip(self.lora_A, self.lora_B, weights, strict=True):
+            a_param[slot].copy_(a)
+            b_param[slot].copy_(b)
+
+    @torch.no_grad()
+    def user_weights(self, slot: int) -> UserWeights:
+        """A copy (on the CPU, float32) of the memory held in a slot."""
+        return [
+            (a[slot].detach().float().cpu().clone(), b[slot].detach().float().cpu().clone())
+            for a, b in zip(self.lora_A, self.lora_B, strict=True)
+        ]
+
+    def parameters_per_user(self) -> int:
+        return sum(a[0].numel() + b[0].numel() for a, b in zip(self.lora_A, self.lora_B, strict=True))
+
+    @contextmanager
+    def routing(self, slots: Sequence[int] | torch.Tensor | None) -> Iterator[None]:
+        """Route the rows of the next forward passes to these slots (None: no memory)."""
+        previous = self.index
+        if slots is not None:
+            device = self.lora_A[0].device
+            slots = torch.as_tensor(slots, dtype=torch.long, device=device)
+        self.index = slots
+        try:
+            yield
+        finally:
+            self.index = previous
+
+    def attach(self, model: nn.Module) -> None:
+        """Put `RoutedLinear` wrappers in place of the target modules of `model`."""
+        for i, target in enumerate(self.targets):
+            parent, _, name = target.path.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            base = getattr(owner, name)
+            if isinstance(base, RoutedLinear):
+                raise RuntimeError(f"{target.path} already carries a memory bank")
+            setattr(owner, name, RoutedLinear(base, self, i))
+
+    def detach(self, model: nn.Module) -> None:
+        """Give the model its original linear modules back."""
+        for target in self.targets:
+            parent, _, name = target.path.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            wrapper = getattr(owner, name)
+            if isinstance(wrapper, RoutedLinear):
+                setattr(owner, name, wrapper.base_layer)
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator[nn.Module]:
+        self.attach(model)
+        try:
+            yield model
+        finally:
+            self.detach(model)
+
+
+class RoutedLinear(nn.Module):
+    """A frozen linear layer plus, per row, the memory of the slot the row is routed to."""
+
+    def __init__(self, base_layer: nn.Linear, bank: MemoryBank, position: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.position = position
+        # A plain attribute (not a submodule): the bank's weights stay out of the model.
+        object.__setattr__(self, "_bank", bank)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        bank: MemoryBank = self._bank
+        index = bank.index
+        if index is None:
+            return out
+        rows = x.shape[0]
+        if rows != index.shape[0]:  # e.g. beam search repeats every row num_beams times
+            if rows % index.shape[0]:
+                raise RuntimeError(f"{rows} rows routed with {index.shape[0]} slot indices")
+            index = index.repeat_interleave(rows // index.shape[0])
+        if bank.memory.dropout and self.training:
+            x = nn.functional.dropout(x, bank.memory.dropout)
+        a, b = bank.lora_A[self.position], bank.lora_B[self.position]
+        shape = out.shape
+        x3, out3 = x.reshape(rows, -1, x.shape[-1]), out.reshape(rows, -1, shape[-1])
+        if bool((index < 0).any()):
+            keep = (index >= 0).nonzero().squeeze(1)
+            result = out3.clone()
+            result[keep] = _RoutedLoRA.apply(
+                out3[keep], x3[keep], a, b, index[keep], bank.scaling
+            )
+            return result.reshape(shape)
+        return _RoutedLoRA.apply(out3, x3, a, b, index, bank.scaling).reshape(shape)
+
+
+def clip_grad_norm_per_slot(bank: MemoryBank, max_norm: float) -> torch.Tensor:
+    """Clip each slot's gradient to `max_norm` (L2 over all its tensors), as
+    `torch.nn.utils.clip_grad_norm_` clips one user's parameters; returns the norms."""
+    norms = []
+    for param in [*bank.lora_A, *bank.lora_B]:
+        if param.grad is not None:
+            norms.append(torch.linalg.vector_norm(param.grad.flatten(1), dim=1))
+    total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for param in [*bank.lora_A, *bank.lora_B]:
+        if param.grad is not None:
+            param.grad.mul_(coef.view(-1, *([1] * (param.grad.dim() - 1))))
+    return total
+
+
+def clip_grad_value_(bank: MemoryBank, clip_value: float) -> None:
+    """Element-wise clipping (separable per user as it is)."""
+    for param in [*bank.lora_A, *bank.lora_B]:
+        if param.grad is not None:
+            param.grad.clamp_(-clip_value, clip_value)
+
+
+class SlotAdamW:
+    """AdamW with separate state and step count per slot; steps only the active slots.
+
+    Per slot, the update is that of `torch.optim.AdamW` (decoupled weight decay, bias
+    correction by the slot's own step count), with an optional linear warmup of the
+    learning rate over each slot's first `warmup_steps` steps.
+    """
+
+    def __init__(
+        self,
+        bank: MemoryBank,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+    ) -> None:
+        self.bank = bank
+        self.params = [*bank.lora_A, *bank.lora_B]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.warmup_steps = warmup_steps
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(bank.slots, dtype=torch.float64)
+
+    def reset_slot(self, slot: int) -> None:
+        """Fresh optimizer state for a slot (a new user moved in)."""
+        for m, v in zip(self.exp_avg, self.exp_avg_sq, strict=True):
+            m[slot].zero_()
+            v[slot].zero_()
+        self.steps[slot] = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, active: Sequence[int]) -> None:
+        """One AdamW step for the users in the `active` slots."""
+        if not len(active):
+            return
+        beta1, beta2 = self.betas
+        idx_cpu = torch.as_tensor(list(active), dtype=torch.long)
+        self.steps[idx_cpu] += 1
+        step = self.steps[idx_cpu]
+        lr = self.lr * torch.ones_like(step)
+        if self.warmup_steps:
+            lr = lr * torch.clamp(step / self.warmup_steps, max=1.0)
+        device = self.params[0].device
+        step_size = (lr / (1 - beta1**step)).to(device=device, dtype=torch.float32)
+        bias2_sqrt = torch.sqrt(1 - beta2**step).to(device=device, dtype=torch.float32)
+        decay = (1 - lr * self.weight_decay).to(device=device, dtype=torch.float32)
+        idx = idx_cpu.to(device)
+        everyone = len(active) == self.bank.slots and bool((idx == torch.arange(len(idx), device=device)).all())
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            if everyone:
+                w, g, mm, vv = p.data, p.grad, m, v
+            else:
+                w, g, mm, vv = p.data[idx], p.grad[idx], m[idx], v[idx]
+            if self.weight_decay:
+                w.mul_(decay.view(shape))
+            mm.lerp_(g, 1 - beta1)
+            vv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (vv.sqrt() / bias2_sqrt.view(shape)).add_(self.eps)
+            w.addcdiv_(mm * step_size.view(shape), denom, value=-1.0)
+            if not everyone:
+                p.data[idx] = w
+                m[idx] = mm
+                v[idx] = vv
