@@ -52,17 +52,23 @@ def _tweet_pair(item: dict[str, Any]) -> HistoryPair:
     return HistoryPair(prompt="Write a tweet in your own words:", target=item["text"])
 
 
+def _reply_pair(item: dict[str, Any]) -> HistoryPair:
+    # Chat replies (milp/data/chitchat.py): the message replied to -> the user's reply.
+    return HistoryPair(prompt=item["context"], target=item["text"])
+
+
 TASKS: dict[str, LampTask] = {
     "LaMP_4": LampTask("LaMP_4", ("text", "title"), _headline_pair),
     "LaMP_5": LampTask("LaMP_5", ("abstract", "title"), _title_pair),
     "LaMP_7": LampTask("LaMP_7", ("text",), _tweet_pair),
+    "chitchat": LampTask("chitchat", ("context", "text"), _reply_pair),
 }
 
 
 def get_task(name: str) -> LampTask:
     """Look a task up by any usual spelling: `LaMP-4`, `LaMP_4`, `lamp4`, `4`."""
     match = re.fullmatch(r"(?:lamp)?[-_ ]?(\d+)", str(name).strip().lower())
-    key = f"LaMP_{match.group(1)}" if match else str(name)
+    key = f"LaMP_{match.group(1)}" if match else str(name).strip().lower()
     if key not in TASKS:
         raise MilpError(
             f"data.task: unknown LaMP task {name!r}; supported generation tasks: "

@@ -1,0 +1,154 @@
+"""Real users from the Chit-Chat Challenge corpus (`pip install chitchat-dataset==0.9.0`).
+
+The corpus holds 7,168 two-person conversations (258k messages, 1,315 anonymous sender
+ids, timestamps). A *turn* is one sender's consecutive messages. Each reply a sender
+writes becomes a (previous turn -> this reply) pair. The split is **time-based per
+user**: a user's earlier replies are their history (the profile memory is trained on);
+their last `queries_per_user` replies are the queries, the previous turn in that
+conversation being the input and the user's actual reply the gold output.
+
+Users with at least `min_history` earlier replies qualify; a seeded draw picks
+`test_users` / `dev_users` / `train_users` of them (disjoint). Files are written in the
+LaMP schema (`{split}_questions.json` with `user_id`, `{split}_outputs.json`, task
+`chitchat`), so the LaMP loader reads them like any time-based LaMP split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from milp.errors import MilpError
+
+CONVERTER_VERSION = 1
+INSTALL_HINT = "pip install chitchat-dataset==0.9.0"
+
+
+def corpus_path() -> Path:
+    """The corpus JSON inside the installed `chitchat_dataset` package."""
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or spec.origin is None:
+        raise MilpError(f"data=chitchat needs the chitchat-dataset package: {INSTALL_HINT}")
+    path = Path(spec.origin).parent / "dataset.json"
+    if not path.is_file():
+        raise MilpError(f"{path}: missing from the chitchat-dataset package; reinstall it")
+    return path
+
+
+def read_replies(path: Path) -> dict[str, list[dict]]:
+    """Every reply of every sender, oldest first: {sender: [{id, context, text, date}]}."""
+    try:
+        conversations = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MilpError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    replies: dict[str, list[dict]] = {}
+    for conversation_id, conversation in conversations.items():
+        turns = conversation.get("messages", [])
+        for index in range(1, len(turns)):
+            previous, turn = turns[index - 1], turns[index]
+            if not turn or not previous:
+                continue
+            sender = turn[0]["sender"]
+            if previous[0]["sender"] == sender:
+                continue  # not a reply to the other person
+            context = " ".join(m["text"].strip() for m in previous).strip()
+            text = " ".join(m["text"].strip() for m in turn).strip()
+            if context and text:
+                replies.setdefault(sender, []).append(
+                    {"id": f"{conversation_id}-{index}", "context": context, "text": text,
+                     "date": turn[0]["timestamp"]}
+                )
+    for items in replies.values():
+        items.sort(key=lambda item: (item["date"], item["id"]))
+    return replies
+
+
+def _split_records(user_id: str, items: list[dict], queries_per_user: int, max_history: int):
+    history, queries = items[:-queries_per_user], items[-queries_per_user:]
+    profile = history[-max_history:]
+    questions = [
+        {"id": q["id"], "user_id": user_id, "input": q["context"], "profile": profile}
+        for q in queries
+    ]
+    golds = [{"id": q["id"], "output": q["text"]} for q in queries]
+    return questions, golds
+
+
+def write_chitchat_lamp(
+    directory: str | Path,
+    seed: int = 0,
+    min_history: int = 100,
+    max_history: int = 200,
+    queries_per_user: int = 3,
+    test_users: int = 8,
+    dev_users: int = 4,
+    train_users: int = 0,
+) -> Path:
+    """Convert the corpus into LaMP-schema splits under `directory` (atomically)."""
+    replies = read_replies(corpus_path())
+    eligible = sorted(u for u, items in replies.items() if len(items) >= min_history + queries_per_user)
+    wanted = test_users + dev_users + train_users
+    if len(eligible) < wanted:
+        raise MilpError(
+            f"data.min_history={min_history}: only {len(eligible)} chitchat users have that much "
+            f"history, but {wanted} users were asked for; lower min_history or the user counts"
+        )
+    random.Random(f"chitchat-{seed}").shuffle(eligible)
+    splits = {"test": eligible[:test_users], "dev": eligible[test_users : test_users + dev_users],
+              "train": eligible[test_users + dev_users : wanted]}
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        for split, users in splits.items():
+            questions, golds = [], []
+            for user_id in users:
+                user_questions, user_golds = _split_records(
+                    user_id, replies[user_id], queries_per_user, max_history
+                )
+                questions += user_questions
+                golds += user_golds
+            (staging / f"{split}_questions.json").write_text(json.dumps(questions))
+            (staging / f"{split}_outputs.json").write_text(
+                json.dumps({"task": "chitchat", "golds": golds})
+            )
+        (staging / "meta.json").write_text(json.dumps({"converter_version": CONVERTER_VERSION}))
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            if not (directory / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_chitchat_users(
+    root: str | Path,
+    split: str,
+    seed: int = 0,
+    min_history: int = 100,
+    max_history: int = 200,
+    queries_per_user: int = 3,
+    test_users: int = 8,
+    dev_users: int = 4,
+    train_users: int = 0,
+    max_users: int | None = None,
+) -> list:
+    """Users of one split of the converted corpus (converted on first use, then cached)."""
+    from milp.data.lamp import load_lamp_split
+
+    settings = [CONVERTER_VERSION, seed, min_history, max_history, queries_per_user,
+                test_users, dev_users, train_users]
+    tag = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
+    directory = Path(root) / f"chitchat-{tag}"
+    if not (directory / "meta.json").is_file():
+        write_chitchat_lamp(directory, seed, min_history, max_history, queries_per_user,
+                            test_users, dev_users, train_users)
+    return load_lamp_split("chitchat", directory, split, max_history, max_users)
