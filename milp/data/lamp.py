@@ -36,6 +36,7 @@ def _headline_pair(item: dict[str, Any]) -> HistoryPair:
     return HistoryPair(
         prompt=f"Generate a headline for the following article: {item['text']}",
         target=item["title"],
+        source=item["text"],
     )
 
 
@@ -43,6 +44,7 @@ def _title_pair(item: dict[str, Any]) -> HistoryPair:
     return HistoryPair(
         prompt=f"Generate a title for the following abstract of a paper: {item['abstract']}",
         target=item["title"],
+        source=item["abstract"],
     )
 
 
@@ -54,7 +56,7 @@ def _tweet_pair(item: dict[str, Any]) -> HistoryPair:
 
 def _reply_pair(item: dict[str, Any]) -> HistoryPair:
     # Chat replies (milp/data/chitchat.py): the message replied to -> the user's reply.
-    return HistoryPair(prompt=item["context"], target=item["text"])
+    return HistoryPair(prompt=item["context"], target=item["text"], source=item["context"])
 
 
 TASKS: dict[str, LampTask] = {

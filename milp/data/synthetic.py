@@ -32,7 +32,7 @@ from pathlib import Path
 
 from milp.data.users import HistoryPair
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 HEADLINE_PREFIX = "Generate a headline for the following article: "
 
 SUBJECTS = [
@@ -182,7 +182,9 @@ def neutral_headline(subject: str, verb: str, obj: str, place: str) -> str:
     return f"{subject} {verb} {obj} {place}"
 
 
-def generic_corpus(num_pairs: int, seed: int, styled_fraction: float = 0.4) -> list[HistoryPair]:
+def generic_corpus(
+    num_pairs: int, seed: int, styled_fraction: float = 0.4, demo_fraction: float = 0.25
+) -> list[HistoryPair]:
     """Pretraining pairs with no *user's* style: article -> headline.
 
     Most headlines are neutral; the rest are each written by a different one-off
@@ -190,16 +192,32 @@ def generic_corpus(num_pairs: int, seed: int, styled_fraction: float = 0.4) -> l
     any pretrained LM has seen many styles) but no style is tied to anyone: which one a
     given user uses is only in that user's history. Greedy decoding of the base model
     gives the neutral headline.
+
+    A `demo_fraction` of the styled pairs show two earlier headlines of the same one-off
+    writer in the prompt, in the retrieval-in-prompt layout (milp/retrieval.py), so the
+    base model can learn a style in context, as real LLMs do; without this, the
+    retrieval baseline would be unfairly weak on the embedded default.
     """
+    from milp.retrieval import RetrievalFormat
+
     rng = random.Random(f"generic-{seed}")
+    layout = RetrievalFormat()
     pairs = []
     for _ in range(num_pairs):
         article, subject, verb, obj, place = random_event(rng)
+        prompt = HEADLINE_PREFIX + article
         if rng.random() < styled_fraction:
-            headline = random_style(rng).headline(subject, verb, obj, place, rng)
+            style = random_style(rng)
+            headline = style.headline(subject, verb, obj, place, rng)
+            if rng.random() < demo_fraction / styled_fraction:
+                demos = []
+                for _ in range(2):
+                    demo_article, *facts = random_event(rng)
+                    demos.append(HistoryPair("", style.headline(*facts, rng), demo_article))
+                prompt = layout.render(demos, prompt)
         else:
             headline = neutral_headline(subject, verb, obj, place)
-        pairs.append(HistoryPair(HEADLINE_PREFIX + article, headline))
+        pairs.append(HistoryPair(prompt, headline))
     return pairs
 
 

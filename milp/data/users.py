@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class HistoryPair:
-    """One item of a user's history, as a (prompt, target) pair the memory is trained on."""
+    """One item of a user's history, as a (prompt, target) pair the memory is trained on.
+
+    `source` is the item's own input text without the task instruction (an article, an
+    abstract, the message replied to), which retrieval-in-prompt shows next to `target`.
+    """
 
     prompt: str
     target: str
+    source: str = ""
 
 
 @dataclass(frozen=True)

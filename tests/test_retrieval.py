@@ -1,0 +1,46 @@
+import math
+
+import pytest
+
+from milp.data.users import HistoryPair, Query, User
+from milp.errors import MilpError
+from milp.retrieval import BM25, RetrievalFormat, add_retrieval
+
+
+def test_bm25_by_hand():
+    docs = ["red apple pie", "green apple", "blue sky"]
+    index = BM25(docs)
+    # "apple" appears in 2 of 3 docs: idf = ln(1 + (3 - 2 + 0.5) / (2 + 0.5)).
+    idf = math.log(1 + 1.5 / 2.5)
+    mean = 7 / 3
+    expected = [idf * 2.2 / (1 + 1.2 * (0.25 + 0.75 * n / mean)) for n in (3, 2)]
+    scores = index.scores("apple")
+    assert scores[:2] == pytest.approx(expected) and scores[2] == 0.0
+    assert index.top("apple sky", 2)[0] in (0, 1, 2)
+    assert index.top("green apple", 1) == [1]
+
+
+def test_lamp4_layout_and_word_budget():
+    fmt = RetrievalFormat(max_item_words=3)
+    items = [
+        HistoryPair("", "Big win", "the team won the cup"),
+        HistoryPair("", "Rain", "it rains"),
+    ]
+    assert fmt.render(items, "Generate a headline: x") == (
+        '"Big win" is the title for "the team won", and "Rain" is the title for "it rains". '
+        "Generate a headline: x"
+    )
+    assert fmt.render([], "q") == "q"
+
+
+def test_add_retrieval_rewrites_queries_only():
+    history = [HistoryPair("p1", "cats purr", "about cats"), HistoryPair("p2", "dogs bark", "dogs")]
+    user = User(
+        "u", history, [Query("q", "tell me about dogs", "woof")], ["cats purr", "dogs bark"]
+    )
+    (augmented,) = add_retrieval([user], 1, RetrievalFormat())
+    assert augmented.history == history
+    assert augmented.queries[0].prompt == '"dogs bark" is the title for "dogs". tell me about dogs'
+    assert add_retrieval([user], 0, RetrievalFormat()) == [user]
+    with pytest.raises(MilpError, match="retrieval.k must be >= 0"):
+        add_retrieval([user], -1, RetrievalFormat())
