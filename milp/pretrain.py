@@ -13,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, pad_right
 from milp.data.synthetic import GENERATOR_VERSION, ensure_synthetic_lamp, load_generic_corpus
 from milp.model import BaseModel, load_base_model
+from milp.store import publish_dir
 
 
 @dataclass(frozen=True)
@@ -126,10 +124,7 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with publish_dir(directory, "pretrain.json") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         summary = {
@@ -139,15 +134,8 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
             "seconds": round(time.perf_counter() - started, 1),
         }
         (staging / "pretrain.json").write_text(json.dumps(summary, indent=2))
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not (directory / "pretrain.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"pretrained tiny model in {summary['seconds']} s -> {directory}")
-    return directory
+    print(f"pretrained tiny model in {summary['seconds']} s -> {directory}", flush=True)
+    return Path(directory)
 
 
 def ensure_tiny_model(cache_dir: str | Path, spec: TinyModelSpec | None = None) -> Path:

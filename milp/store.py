@@ -14,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
+    """Build a directory in a temporary sibling, then rename it into place.
+
+    Readers never see a half-written `directory`. If another process (a parallel sweep
+    trial) published it first, its copy, recognised by `marker`, is kept.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        yield staging
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            if not (directory / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from milp.errors import MilpError
+from milp.store import publish_dir
 
 CONVERTER_VERSION = 1
 INSTALL_HINT = "pip install chitchat-dataset==0.9.0"
@@ -111,10 +109,7 @@ def write_chitchat_lamp(
         "dev": eligible[test_users : test_users + dev_users],
         "train": eligible[test_users + dev_users : wanted],
     }
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with publish_dir(directory, "meta.json") as staging:
         for split, users in splits.items():
             questions, golds = [], []
             for user_id in users:
@@ -128,14 +123,7 @@ def write_chitchat_lamp(
                 json.dumps({"task": "chitchat", "golds": golds})
             )
         (staging / "meta.json").write_text(json.dumps({"converter_version": CONVERTER_VERSION}))
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not (directory / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def load_chitchat_users(

@@ -23,14 +23,12 @@ reads them; `generic_corpus.jsonl` holds the pretraining pairs.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from milp.data.users import HistoryPair
+from milp.store import publish_dir
 
 GENERATOR_VERSION = 3
 HEADLINE_PREFIX = "Generate a headline for the following article: "
@@ -251,10 +249,7 @@ def _user_records(user_id: str, rng: random.Random) -> tuple[list[dict], list[di
 
 def write_synthetic_lamp(directory: str | Path, seed: int = 0, generic_pairs: int = 4000) -> Path:
     """Write the embedded data set into `directory` (atomically) and return it."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with publish_dir(directory, "meta.json") as staging:
         for split, num_users in SPLITS.items():
             rng = random.Random(f"users-{split}-{seed}")
             questions, golds = [], []
@@ -272,15 +267,7 @@ def write_synthetic_lamp(directory: str | Path, seed: int = 0, generic_pairs: in
         (staging / "meta.json").write_text(
             json.dumps({"generator_version": GENERATOR_VERSION, "seed": seed, "task": "LaMP_4"})
         )
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not (directory / "meta.json").is_file():
-                raise
-            # Another process (a parallel sweep trial) finished first: use its copy.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def ensure_synthetic_lamp(root: str | Path, seed: int = 0) -> Path:
