@@ -66,6 +66,21 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
 
 
+def length_bucketed_batches(
+    examples: list[tuple[list[int], list[int]]], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Shuffled batches of similar length: a few long prompts (those with in-context
+    examples) would otherwise pad every batch to their length and double the cost."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
 def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str | Path) -> Path:
     """Pretrain the tiny model and save it to `directory` (atomically)."""
     started = time.perf_counter()
@@ -104,9 +119,8 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
     model.train()
     step, loss_value = 0, float("nan")
     for epoch in range(spec.epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), spec.batch_size):
-            batch = [examples[i] for i in order[start : start + spec.batch_size]]
+        for indices in length_bucketed_batches(examples, spec.batch_size, generator):
+            batch = [examples[i] for i in indices]
             input_ids = pad_right([ids for ids, _ in batch], tokenizer.pad_token_id)
             attention_mask = pad_right([[1] * len(ids) for ids, _ in batch], 0)
             labels = pad_right([labels for _, labels in batch], IGNORE_INDEX)
@@ -119,7 +133,9 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
             step, loss_value = step + 1, loss.item()
             if step % 50 == 0 or step == steps:
                 epochs = f"{epoch + 1}/{spec.epochs}"
-                print(f"pretrain epoch {epochs} step {step}/{steps} loss {loss_value:.3f}")
+                print(
+                    f"pretrain epoch {epochs} step {step}/{steps} loss {loss_value:.3f}", flush=True
+                )
 
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
