@@ -3,7 +3,7 @@ PYTHON ?= python
 # CPU build of PyTorch, installed only when no torch is present (keep your CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: install train pretrain test test-all lint format sweep clean reproduce reproduce-smoke
+.PHONY: install train pretrain test test-all lint format sweep ablate bench-search clean reproduce reproduce-smoke
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
@@ -40,6 +40,20 @@ reproduce:
 
 reproduce-smoke:
 	$(PYTHON) experiments/reproduce.py --smoke --out experiments/results/smoke
+
+# Search (experiments/README.md, "Search"): BO over the memory-injection space on dev users,
+# then the best once on the test users; re-running resumes. ARGS: extra Hydra overrides.
+sweep:
+	$(PYTHON) -m milp.train -m +experiment=lamp +sweep=milp_bo $(ARGS)
+
+# One ablation multirun per dimension around multirun/milp_bo/best.yaml -> tables in
+# experiments/search/results/.
+ablate:
+	$(PYTHON) experiments/search/ablate.py $(ARGS)
+
+# Grid vs. RandomSearch vs. BO on a 32-configuration space (grid cached after one run).
+bench-search:
+	$(PYTHON) experiments/search/bench_search.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -90,7 +91,9 @@ def fresh_weights(targets: Sequence[Target], memory: MemoryConfig) -> UserWeight
     seed gives bit-identical weights to `inject_memory` (a test checks it).
     """
     r, k = memory.rank, memory.num_loras
-    weights = [(torch.empty(k * r, t.in_features), torch.zeros(t.out_features, k * r)) for t in targets]
+    weights = [
+        (torch.empty(k * r, t.in_features), torch.zeros(t.out_features, k * r)) for t in targets
+    ]
     for adapter in range(k):
         for target, (a, _) in zip(targets, weights, strict=True):
             torch.empty(r, target.in_features).uniform_(*_kaiming_bounds(target.in_features))
@@ -121,7 +124,9 @@ def peft_state_dicts(
     return out
 
 
-def read_memory(directory: str | Path, targets: Sequence[Target], memory: MemoryConfig) -> UserWeights:
+def read_memory(
+    directory: str | Path, targets: Sequence[Target], memory: MemoryConfig
+) -> UserWeights:
     """Read a saved user memory (peft adapters + memory.json) into bank layout.
 
     The saved memory must have the shape of `memory` (number of modules, rank, alpha,
@@ -163,24 +168,31 @@ def read_memory(directory: str | Path, targets: Sequence[Target], memory: Memory
     return [(torch.cat(a, 0), torch.cat(b, 1)) for a, b in zip(a_parts, b_parts, strict=True)]
 
 
+def adapter_config(memory: MemoryConfig, model: nn.Module) -> LoraConfig:
+    """The peft config saved with each memory module, as `PeftModel.save_pretrained` writes
+    it (call on the plain model, before a bank is attached)."""
+    config = lora_config(memory, place_memory(memory, model))
+    config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
+    config.inference_mode = True
+    return config
+
+
 def write_memory(
     directory: str | Path,
     targets: Sequence[Target],
     weights: UserWeights,
     memory: MemoryConfig,
-    model: nn.Module,
+    config: LoraConfig,
     info: dict | None = None,
 ) -> Path:
     """Save a user's memory in the layout of `milp.memory.save_memory`, atomically.
 
     `directory/memory_<i>/{adapter_config.json, adapter_model.safetensors}` (plain peft
-    adapters) and `directory/memory.json`; a crash leaves any previous copy untouched.
+    adapters, `config` from `adapter_config`) and `directory/memory.json`; a crash leaves
+    any previous copy untouched.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    config = lora_config(memory, place_memory(memory, model))
-    config.base_model_name_or_path = getattr(model, "name_or_path", None)
-    config.inference_mode = True
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
         for name, state in peft_state_dicts(targets, weights, memory).items():
@@ -188,7 +200,9 @@ def write_memory(
             config.save_pretrained(str(staging / name))
             save_file(state, str(staging / name / "adapter_model.safetensors"), {"format": "pt"})
         names = memory.adapter_names
-        (staging / "memory.json").write_text(json.dumps({"adapters": names} | (info or {}), indent=2))
+        (staging / "memory.json").write_text(
+            json.dumps({"adapters": names} | (info or {}), indent=2)
+        )
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
             os.rename(directory, old / "x")
@@ -201,39 +215,68 @@ def write_memory(
     return directory
 
 
-class _RoutedLoRA(torch.autograd.Function):
-    """base_out + scaling * x @ A[index]^T @ B[index]^T, row by row.
+Segment = tuple[int, int, int]  # (slot, first row, end row): rows routed to one slot
 
-    A custom function so that the per-row gathered weights are not kept for backward
-    (for a 7B model they would outweigh the activations); they are gathered again.
+
+def segments_of(index: Sequence[int]) -> list[Segment]:
+    """Runs of equal slots in a routing (rows of a user sit together); -1 runs dropped."""
+    out: list[Segment] = []
+    start = 0
+    for row in range(1, len(index) + 1):
+        if row == len(index) or index[row] != index[start]:
+            if index[start] >= 0:
+                out.append((int(index[start]), start, row))
+            start = row
+    return out
+
+
+class _RoutedLoRA(torch.autograd.Function):
+    """base_out + scaling * x @ A[slot]^T @ B[slot]^T on each segment of rows.
+
+    One pair of matrix products per segment (per user in the batch): no per-row copies
+    of the weights, and only the small rank-sized activations are kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, base_out, x, lora_a, lora_b, index, scaling):
-        dtype = base_out.dtype
-        a = lora_a.index_select(0, index).to(dtype)
-        b = lora_b.index_select(0, index).to(dtype)
-        h = torch.bmm(x.to(dtype), a.transpose(1, 2)) * scaling
-        ctx.save_for_backward(x, h, lora_a, lora_b, index)
-        ctx.scaling = scaling
-        return torch.baddbmm(base_out, h, b.transpose(1, 2))
+    def forward(ctx, base_out, x, lora_a, lora_b, segments, scaling):
+        rows = x.shape[0]
+        x2 = x.reshape(-1, x.shape[-1]).to(base_out.dtype)
+        # The base layer's fresh output takes the memory in place (its own backward does
+        # not need it): one pass over the output instead of a copy and a sum.
+        ctx.mark_dirty(base_out)
+        out = base_out.view(-1, base_out.shape[-1])
+        per_row = x2.shape[0] // rows  # tokens per row
+        hs = []
+        for slot, first, end in segments:
+            span = slice(first * per_row, end * per_row)
+            h = (x2[span] @ lora_a[slot].to(x2.dtype).t()) * scaling
+            out[span].addmm_(h, lora_b[slot].to(x2.dtype).t())
+            hs.append(h)
+        ctx.save_for_backward(x, lora_a, lora_b, *hs)
+        ctx.segments, ctx.scaling, ctx.per_row = segments, scaling, per_row
+        return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h, lora_a, lora_b, index = ctx.saved_tensors
-        dtype = grad_out.dtype
-        b = lora_b.index_select(0, index).to(dtype)
-        grad_b = torch.zeros_like(lora_b).index_add_(
-            0, index, torch.bmm(grad_out.transpose(1, 2), h).to(lora_b.dtype)
-        )
-        grad_h = torch.bmm(grad_out, b) * ctx.scaling
-        grad_a = torch.zeros_like(lora_a).index_add_(
-            0, index, torch.bmm(grad_h.transpose(1, 2), x.to(dtype)).to(lora_a.dtype)
-        )
+        x, lora_a, lora_b, *hs = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+        grad_a, grad_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+        need_x = ctx.needs_input_grad[1]
+        covered = sum(end - first for _, first, end in ctx.segments) * ctx.per_row
         grad_x = None
-        if ctx.needs_input_grad[1]:
-            a = lora_a.index_select(0, index).to(dtype)
-            grad_x = torch.bmm(grad_h, a).to(x.dtype)
+        if need_x:  # rows outside every segment (no memory) get no gradient from here
+            grad_x = torch.empty_like(x2) if covered == x2.shape[0] else torch.zeros_like(x2)
+        for (slot, first, end), h in zip(ctx.segments, hs, strict=True):
+            span = slice(first * ctx.per_row, end * ctx.per_row)
+            g = g2[span]
+            grad_b[slot] += (g.t() @ h).to(grad_b.dtype)
+            grad_h = (g @ lora_b[slot].to(g.dtype)) * ctx.scaling
+            grad_a[slot] += (grad_h.t() @ x2[span]).to(grad_a.dtype)
+            if need_x:
+                grad_x[span] = grad_h @ lora_a[slot].to(g.dtype)
+        if need_x:
+            grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_out, grad_x, grad_a, grad_b, None, None
 
 
@@ -260,7 +303,8 @@ class MemoryBank(nn.Module):
         self.lora_B = nn.ParameterList(
             nn.Parameter(torch.zeros(slots, t.out_features, width, device=device)) for t in targets
         )
-        self.index: torch.Tensor | None = None  # slot of each row; -1: no memory
+        self.index: list[int] | None = None  # slot of each row; -1: no memory
+        self.segments: list[Segment] = []
 
     @torch.no_grad()
     def load_user(self, slot: int, weights: UserWeights) -> None:
@@ -278,39 +322,53 @@ class MemoryBank(nn.Module):
         ]
 
     def parameters_per_user(self) -> int:
-        return sum(a[0].numel() + b[0].numel() for a, b in zip(self.lora_A, self.lora_B, strict=True))
+        return sum(
+            a[0].numel() + b[0].numel() for a, b in zip(self.lora_A, self.lora_B, strict=True)
+        )
 
     @contextmanager
     def routing(self, slots: Sequence[int] | torch.Tensor | None) -> Iterator[None]:
-        """Route the rows of the next forward passes to these slots (None: no memory)."""
-        previous = self.index
+        """Route the rows of the next forward passes to these slots (-1 or None: no
+        memory). A user's rows should sit together; each run of rows is one product."""
+        previous = self.index, self.segments
         if slots is not None:
-            device = self.lora_A[0].device
-            slots = torch.as_tensor(slots, dtype=torch.long, device=device)
+            slots = slots.tolist() if torch.is_tensor(slots) else [int(s) for s in slots]
+            self.segments = segments_of(slots)
         self.index = slots
         try:
             yield
         finally:
-            self.index = previous
+            self.index, self.segments = previous
 
     def attach(self, model: nn.Module) -> None:
-        """Put `RoutedLinear` wrappers in place of the target modules of `model`."""
+        """Route the target modules of `model` through this bank: `RoutedLinear` wrappers
+        go in place of the linear modules (or, where another bank's wrappers are already
+        in place, they use this bank until `detach`)."""
+        self._previous = {}
         for i, target in enumerate(self.targets):
             parent, _, name = target.path.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            base = getattr(owner, name)
-            if isinstance(base, RoutedLinear):
-                raise RuntimeError(f"{target.path} already carries a memory bank")
-            setattr(owner, name, RoutedLinear(base, self, i))
+            module = getattr(owner, name)
+            if isinstance(module, RoutedLinear):
+                self._previous[target.path] = module._bank
+                object.__setattr__(module, "_bank", self)
+            else:
+                setattr(owner, name, RoutedLinear(module, self, i))
 
     def detach(self, model: nn.Module) -> None:
-        """Give the model its original linear modules back."""
+        """Undo `attach`: the original linear modules (or the previous bank) come back."""
+        previous = getattr(self, "_previous", {})
         for target in self.targets:
             parent, _, name = target.path.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            wrapper = getattr(owner, name)
-            if isinstance(wrapper, RoutedLinear):
-                setattr(owner, name, wrapper.base_layer)
+            module = getattr(owner, name)
+            if not isinstance(module, RoutedLinear) or module._bank is not self:
+                continue
+            if target.path in previous:
+                object.__setattr__(module, "_bank", previous[target.path])
+            else:
+                setattr(owner, name, module.base_layer)
+        self._previous = {}
 
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -343,27 +401,21 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         bank: MemoryBank = self._bank
-        index = bank.index
-        if index is None:
+        if bank.index is None:
             return out
-        rows = x.shape[0]
-        if rows != index.shape[0]:  # e.g. beam search repeats every row num_beams times
-            if rows % index.shape[0]:
-                raise RuntimeError(f"{rows} rows routed with {index.shape[0]} slot indices")
-            index = index.repeat_interleave(rows // index.shape[0])
+        rows, routed = x.shape[0], len(bank.index)
+        segments = bank.segments
+        if rows != routed:  # e.g. beam search repeats every row num_beams times
+            if rows % routed:
+                raise RuntimeError(f"{rows} rows routed with {routed} slot indices")
+            k = rows // routed
+            segments = [(slot, first * k, end * k) for slot, first, end in segments]
+        if not segments:
+            return out
         if bank.memory.dropout and self.training:
             x = nn.functional.dropout(x, bank.memory.dropout)
         a, b = bank.lora_A[self.position], bank.lora_B[self.position]
-        shape = out.shape
-        x3, out3 = x.reshape(rows, -1, x.shape[-1]), out.reshape(rows, -1, shape[-1])
-        if bool((index < 0).any()):
-            keep = (index >= 0).nonzero().squeeze(1)
-            result = out3.clone()
-            result[keep] = _RoutedLoRA.apply(
-                out3[keep], x3[keep], a, b, index[keep], bank.scaling
-            )
-            return result.reshape(shape)
-        return _RoutedLoRA.apply(out3, x3, a, b, index, bank.scaling).reshape(shape)
+        return _RoutedLoRA.apply(out, x, a, b, segments, bank.scaling)
 
 
 def clip_grad_norm_per_slot(bank: MemoryBank, max_norm: float) -> torch.Tensor:
@@ -441,7 +493,9 @@ class SlotAdamW:
         bias2_sqrt = torch.sqrt(1 - beta2**step).to(device=device, dtype=torch.float32)
         decay = (1 - lr * self.weight_decay).to(device=device, dtype=torch.float32)
         idx = idx_cpu.to(device)
-        everyone = len(active) == self.bank.slots and bool((idx == torch.arange(len(idx), device=device)).all())
+        everyone = len(active) == self.bank.slots and bool(
+            (idx == torch.arange(len(idx), device=device)).all()
+        )
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             if p.grad is None:
                 continue

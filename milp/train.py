@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -24,12 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from milp.batched_train import batched_results
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User, user_seed
 from milp.errors import MilpError
+from milp.incremental import StoredMemories, split_memory_node, start_memory
 from milp.memory import (
     MemoryConfig,
-    inject_memory,
     memory_info,
     place_memory,
     remove_memory,
@@ -39,6 +41,7 @@ from milp.memory import (
 from milp.metrics import METRIC_NAMES, tokenize
 from milp.model import BaseModel
 from milp.module import MemoryInjectionModule
+from milp.shard import current_shard
 from milp.store import RunStore, config_fingerprint
 
 log = logging.getLogger("milp")
@@ -93,12 +96,16 @@ def train_user(
     datamodule: UserDataModule,
     user: User,
     store: RunStore,
+    stored: Path | None = None,
 ) -> dict[str, Any]:
-    """Inject, train, answer and save one user's memory; return the user's result record."""
+    """Inject, train, answer and save one user's memory; return the user's result record.
+
+    `stored`: the user's memory from an earlier run to continue from (memory.resume_from).
+    """
     placement = place_memory(memory, base.model) if memory.enabled else None
     L.seed_everything(user_seed(cfg.seed, user.user_id), workers=True, verbose=False)
     started = time.perf_counter()
-    model = inject_memory(base.model, memory) if memory.enabled else base.model
+    model = start_memory(base.model, memory, stored) if memory.enabled else base.model
     try:
         module = MemoryInjectionModule(
             model,
@@ -148,7 +155,8 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.objective not in METRIC_NAMES:
         raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(METRIC_NAMES)}")
     # Validate everything before the first user trains: memory config, data, model.
-    memory: MemoryConfig = build(cfg.memory)
+    memory_node, resume_from = split_memory_node(cfg.memory)
+    memory: MemoryConfig = build(memory_node)
     datamodule: UserDataModule = build(cfg.data)
     base: BaseModel = build(cfg.model)
     datamodule.attach_tokenizer(base.tokenizer)
@@ -162,30 +170,52 @@ def run(cfg: DictConfig) -> float | None:
             placement.modules,
         )
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
+    resume = StoredMemories(resume_from, memory, base.model) if resume_from else None
+    find_stored = resume.find if resume else (lambda user: None)
+    users_per_batch = int(cfg.get("injection", {}).get("users_per_batch", 1))
 
     fingerprint_cfg = {
         k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
     }
     store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    # Under torchrun/srun each process takes its share of the users (milp/shard.py).
+    shard = current_shard()
+    shard.pin_device(cfg)
+    logger = instantiate(cfg.logger) if cfg.get("logger") and shard.is_main else None
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    results: list[dict] = []
-    users = datamodule.users
-    progress = tqdm(users, desc="users", unit="user", dynamic_ncols=True)
-    for index, user in enumerate(progress):
-        progress.set_postfix_str(f"user {user.user_id}")
-        if store.is_done(user):
-            results.append(store.load_result(user))
-            continue
-        result = train_user(cfg, base, memory, datamodule, user, store)
+    users = shard.users(datamodule.users, datamodule.batch_size)
+    done = {u.user_id: store.load_result(u) for u in users if store.is_done(u)}
+    todo = [u for u in users if u.user_id not in done]
+    if memory.enabled and users_per_batch > 1:  # many users per forward/backward pass
+        stream = batched_results(cfg, base, memory, datamodule, todo, store, find_stored)
+    else:
+        stream = (train_user(cfg, base, memory, datamodule, u, store, find_stored(u)) for u in todo)
+    progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
+    for index, result in enumerate(stream, start=len(done)):
         store.save_result(result)
-        results.append(result)
+        done[result["user_id"]] = result
+        progress.update()
+        progress.set_postfix_str(f"user {result['user_id']}")
         if logger is not None and result["memory"]:
             logger.log_metrics({f"user/{k}": v for k, v in result["memory"].items()}, step=index)
-        store.write_outputs(results, summarize(cfg, memory, results, datamodule))
+        if shard.is_main:
+            results = [done[u.user_id] for u in users if u.user_id in done]
+            store.write_outputs(results, summarize(cfg, memory, results, datamodule))
+    progress.close()
 
+    shard.wait_for_all()
+    if not shard.is_main:
+        return None
+    users = datamodule.users
+    missing = [u.user_id for u in users if u.user_id not in done and not store.is_done(u)]
+    if missing:
+        raise MilpError(
+            f"{len(missing)} user(s) have no results in {output_dir} (e.g. {missing[0]}): "
+            "all processes of a run must share one hydra.run.dir"
+        )
+    results = [done.get(u.user_id) or store.load_result(u) for u in users]
     summary = summarize(cfg, memory, results, datamodule)
     store.write_outputs(results, summary)
     rows = {

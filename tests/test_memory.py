@@ -128,3 +128,58 @@ def test_remove_memory_restores_the_base(llama):
     with torch.no_grad():
         torch.testing.assert_close(base(tokens).logits, before)
     assert not any("lora" in name for name, _ in base.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "window, expected",
+    [
+        ((0, 4), [0, 1, 2, 3]),
+        ((1, 2), [1, 2]),
+        ((2, 8), [2, 3]),  # clipped at the top layer
+        ((3, 1), [3]),
+        ((1, None), [1, 2, 3]),  # no length: up to the top
+    ],
+)
+def test_layer_window_places_a_contiguous_block(llama, window, expected):
+    start, length = window
+    config = MemoryConfig(num_loras=1, rank=2, layers=[0], window_start=start, window_length=length)
+    assert place_memory(config, llama).layers == expected  # the window replaces `layers`
+    model = inject_memory(llama, config)
+    assert {layer for layer, _, _ in trainable_places(model)} == set(expected)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(window_start=4, window_length=1), "memory.window_start: layer 4 is out of range"),
+        (dict(window_start=-1), "memory.window_start must be >= 0"),
+        (dict(window_start=0, window_length=0), "memory.window_length must be >= 1"),
+        (dict(window_length=2), "memory.window_length is set but memory.window_start is not"),
+        (dict(window_start=1.5), "memory.window_start must be an integer or null"),
+        (dict(target_modules="ffn+"), "memory.target_modules: empty name"),
+        (dict(target_modules="ffn+mlp_x"), "memory.target_modules: 'mlp_x' is not a linear"),
+    ],
+)
+def test_invalid_window_or_alias_is_named(llama, config, message):
+    with pytest.raises(MilpError, match=re.escape(message)):
+        place_memory(MemoryConfig(**config), llama)
+
+
+@pytest.mark.parametrize(
+    "alias, expected",
+    [
+        ("ffn", {"gate_proj", "up_proj", "down_proj"}),
+        ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        (
+            "ffn+attention",
+            {"gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"},
+        ),
+        ("attention+up_proj", {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj"}),
+    ],
+)
+def test_target_modules_string_alias(llama, alias, expected):
+    config = MemoryConfig(num_loras=1, rank=2, layers=[1], target_modules=alias)
+    assert config.target_modules == alias.split("+")  # a plain, serializable list
+    assert set(place_memory(config, llama).modules) == expected
+    model = inject_memory(llama, config)
+    assert {module for _, module, _ in trainable_places(model)} == expected

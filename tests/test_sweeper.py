@@ -194,6 +194,8 @@ def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
         (["memory.rnak=2,4"], "memory.rnak"),
         (["model=tiny,huge"], "model"),
         (["hydra.sweeper.wandb.enabled=true", "hydra.sweeper.wandb.mode=online"], "wandb.mode"),
+        (['hydra.sweeper.final_overrides=["x=0.1,0.2"]'], "hydra.sweeper.final_overrides"),
+        (['hydra.sweeper.final_overrides=["nokey=1"]'], "hydra.sweeper.final_overrides"),
     ],
     ids=[
         "optimizer",
@@ -206,6 +208,8 @@ def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
         "unknown-key",
         "group-option",
         "wandb-online",
+        "final-sweep",
+        "final-unknown-key",
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, overrides, named):
@@ -304,14 +308,44 @@ def test_wandb_offline_summary_run(tmp_path):
     pytest.importorskip("wandb")
     sweep, wandb_dir = tmp_path / "wb_sweep", tmp_path / "wandb_dir"
     wandb_dir.mkdir()
-    run_toy(
-        sweep,
-        "x=interval(0,1)",
-        RANDOM,
-        "hydra.sweeper.optim.budget=3",
-        "hydra.sweeper.wandb.enabled=true",
-        WANDB_DIR=str(wandb_dir),
-    )
+    args = ("x=interval(0,1)", RANDOM, "hydra.sweeper.wandb.enabled=true")
+    run_toy(sweep, *args, "hydra.sweeper.optim.budget=3", WANDB_DIR=str(wandb_dir))
     runs = list((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb")), "offline run data written"
+
+    # A re-run with nothing to do writes no second summary; a larger budget does.
+    output = run_toy(sweep, *args, "hydra.sweeper.optim.budget=3", WANDB_DIR=str(wandb_dir))
+    assert "not writing another" in output
+    assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == 1
+    run_toy(sweep, *args, "hydra.sweeper.optim.budget=4", WANDB_DIR=str(wandb_dir))
+    assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_final_overrides_evaluate_the_best_once(tmp_path):
+    """After the search, the best trial runs once more with final_overrides (here x=0.3,
+    standing in for split=test); a re-run reuses that result instead of launching it."""
+    sweep = tmp_path / "final"
+    args = (*XR, RANDOM, "hydra.sweeper.optim.budget=4", 'hydra.sweeper.final_overrides=["x=0.3"]')
+    output = run_toy(sweep, *args)
+
+    best = load_yaml(sweep / "best.yaml")
+    final_dir = sweep / f"final-trial{best['trial']}"
+    job_overrides = load_yaml(final_dir / ".hydra" / "overrides.yaml")
+    assert "x=0.3" in job_overrides and f"memory.rank={best['overrides']['memory.rank']}" in (
+        job_overrides
+    )
+    assert not any(o.startswith("x=") and o != "x=0.3" for o in job_overrides)
+    results = load_yaml(sweep / "optimization_results.yaml")
+    assert results["n_trials"] == 4 and results["test_status"] == "ok"
+    assert results["test_job_dir"] == str(final_dir) and results["final_overrides"] == ["x=0.3"]
+    # The toy objective is -(x-0.3)^2 + terms that x=0.3 leaves unchanged.
+    expected = best["objective"] + (best["overrides"]["x"] - 0.3) ** 2
+    assert results["test_result"] == pytest.approx(expected)
+    assert f"of best trial {best['trial']}: objective" in output
+    assert job_dirs(sweep) == [0, 1, 2, 3]  # the final job does not take a trial's number
+
+    calls = tmp_path / "calls.txt"
+    again = run_toy(sweep, *args, TOY_CALL_LOG=str(calls))
+    assert "already done" in again and not calls.exists()
+    assert load_yaml(sweep / "optimization_results.yaml")["test_result"] == results["test_result"]

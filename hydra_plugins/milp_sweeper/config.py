@@ -40,6 +40,10 @@ class WandbConf:
     mode: str = "offline"
     # Run group; null means the name of the sweep directory.
     group: str | None = None
+    # Key of the task config that names a W&B group (milp: logger.group). When set and the
+    # composed task config has that key (not, e.g., with logger=csv), every trial and the
+    # final evaluation get `<key>=<group>`, so the per-trial runs are grouped by sweep.
+    trial_group_key: str | None = None
 
 
 @dataclass
@@ -55,6 +59,10 @@ class MilpNevergradSweeperConf:
     # JSON-lines trial log, relative to hydra.sweep.dir; also what a re-run resumes from.
     trials_file: str = "trials.jsonl"
     wandb: WandbConf = field(default_factory=WandbConf)
+    # After the search, run the best trial once more with these overrides added (e.g.
+    # [split=test]: the held-out evaluation); its objective is recorded as test_result in
+    # optimization_results.yaml. Empty: no final evaluation.
+    final_overrides: list[str] = field(default_factory=list)
 
 
 ConfigStore.instance().store(

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 SCALAR_SPEC_KEYS = ("lower", "upper", "log", "integer", "init", "step")
 #: File a job leaves in its output dir with its wall time (read back and deleted).
 DURATION_FILE = ".milp_sweeper_duration.json"
+#: Record of the final evaluation (``final_overrides``) in the sweep dir.
+FINAL_FILE = "final_evaluation.json"
 #: The only W&B modes allowed: the sweeper never talks to the network.
 _WANDB_MODES = ("offline", "disabled")
 
@@ -393,7 +395,7 @@ def check_key(config: DictConfig, key: str, where: str) -> None:
         return
     tree = OmegaConf.to_container(config, resolve=False, throw_on_missing=False)
     task = {k: v for k, v in tree.items() if k != "hydra"}  # type: ignore[union-attr]
-    known = list(config_keys(task)) + list(groups)
+    known = list(dict.fromkeys([*config_keys(task), *groups]))
     hint = difflib.get_close_matches(key, known, n=3)
     hint_text = f"; did you mean {', '.join(hint)}?" if hint else ""
     raise SweepConfigError(
@@ -523,6 +525,28 @@ def read_trial_log(path: Path) -> dict[int, dict[str, Any]]:
     return records
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None if it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def final_job_overrides(overrides: Sequence[str], final: Sequence[str]) -> list[str]:
+    """A trial's overrides with ``final`` applied on top: entries for the same key are
+    replaced (Hydra rejects some duplicate keys, e.g. config groups)."""
+    parser = OverridesParser.create()
+    final_keys = {param_name(parser.parse_override(o).get_key_element()) for o in final}
+    kept = [
+        o
+        for o in overrides
+        if param_name(parser.parse_override(o).get_key_element()) not in final_keys
+    ]
+    return [*kept, *final]
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file via temp file + fsync + os.replace (never a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -626,17 +650,22 @@ class MilpNevergradSweeper(Sweeper):
         parametrization: Mapping[str, Any] | None = None,
         trials_file: str = "trials.jsonl",
         wandb: Mapping[str, Any] | None = None,
+        final_overrides: Sequence[str] | None = None,
     ) -> None:
         self.optim = _plain(optim)
         self.parametrization = _plain(parametrization or {})
         self.trials_file = trials_file
         self.wandb = _plain(wandb or {})
+        self.final_overrides = [str(o) for o in _plain(final_overrides or [])]
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher: Any = None
         self.space = SearchSpace()
         self.records: dict[int, dict[str, Any]] = {}
         self.sweep_dir = Path(".")
+        # Added to every launched job, not part of a trial's recorded overrides.
+        self.launch_extra: list[str] = []
+        self._launched = 0  # jobs launched by this invocation (0: a re-run with nothing to do)
         self._book = LossBook(maximize=True)
 
     # ---- Hydra plugin API ---------------------------------------------------------
@@ -662,6 +691,7 @@ class MilpNevergradSweeper(Sweeper):
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         self.records = read_trial_log(self.trial_log_path)
+        self.launch_extra = self._group_overrides()
         budget = int(self.optim["budget"])
         if self.records:
             log.info(
@@ -682,7 +712,26 @@ class MilpNevergradSweeper(Sweeper):
             self._search()
         else:
             log.info("All %d trials are already in %s", budget, self.trial_log_path)
-        return self._finish()
+        best = self._best()
+        self._log_best(best)
+        final = self._final_evaluation(best) if self.final_overrides and best else None
+        return self._finish(best, final)
+
+    def wandb_group(self) -> str:
+        """The sweep's W&B group: ``wandb.group`` or the sweep dir's name."""
+        return str(self.wandb.get("group") or self.sweep_dir.name)
+
+    def _group_overrides(self) -> list[str]:
+        """``<trial_group_key>=<group>`` if that key is in the task config (and not set
+        on the command line), else nothing."""
+        key = self.wandb.get("trial_group_key")
+        if not key or param_name(key) in self.space.fixed or param_name(key) in self.space.params:
+            return []
+        assert self.config is not None
+        if not key_exists(self.config, key):
+            log.info("%s is not in the task config: trials are not given a W&B group", key)
+            return []
+        return [f"{key}={format_value(self.wandb_group())}"]
 
     # ---- validation ---------------------------------------------------------------
 
@@ -699,7 +748,14 @@ class MilpNevergradSweeper(Sweeper):
             )
         for name, spec in [*space.params.items(), *space.fixed.items()]:
             check_key(self.config, spec.key, where=f"search space: {name}")
+        final = self._parsed_final_overrides(parser)
+        for override in final:
+            check_key(
+                self.config, override.get_key_element(), where="hydra.sweeper.final_overrides"
+            )
         self._check_composition(space)
+        if final:
+            self._check_final_composition(space)
         check_optimizer_name(str(self.optim["optimizer"]))
         self._new_optimizer(space, announce=True)  # e.g. bad optimizer/space combinations
         return space
@@ -753,6 +809,34 @@ class MilpNevergradSweeper(Sweeper):
                         f"search space: {name}: '{override}' does not compose with the task "
                         f"config: {_first_line(err)}"
                     ) from err
+
+    def _parsed_final_overrides(self, parser: OverridesParser) -> list[Override]:
+        """``final_overrides`` parsed; each must be a plain (non-sweep) override."""
+        parsed = []
+        for text in self.final_overrides:
+            where = f"hydra.sweeper.final_overrides: {text!r}"
+            try:
+                override = parser.parse_override(text)
+            except HydraException as err:
+                raise SweepConfigError(f"{where}: cannot parse: {_first_line(err)}") from err
+            if override.is_sweep_override():
+                raise SweepConfigError(f"{where}: must be a single value, not a sweep")
+            parsed.append(override)
+        return parsed
+
+    def _check_final_composition(self, space: SearchSpace) -> None:
+        """The final evaluation's overrides compose with the fixed ones and every choice."""
+        assert self.config is not None and self.hydra_context is not None
+        fixed = final_job_overrides(space.fixed_overrides(), self.final_overrides)
+        try:
+            self.hydra_context.config_loader.load_sweep_config(
+                master_config=self.config, sweep_overrides=fixed
+            )
+        except Exception as err:
+            raise SweepConfigError(
+                f"hydra.sweeper.final_overrides {self.final_overrides}: does not compose with "
+                f"the task config: {_first_line(err)}"
+            ) from err
 
     # ---- nevergrad ----------------------------------------------------------------
 
@@ -889,8 +973,9 @@ class MilpNevergradSweeper(Sweeper):
             nums = f"#{group[0].num}" + (f"..#{group[-1].num}" if len(group) > 1 else "")
             log.info("Launching batch of %d trial(s): %s", len(group), nums)
             assert self.launcher is not None
+            self._launched += len(group)
             results = self.launcher.launch(
-                [t.overrides for t in group], initial_job_idx=group[0].num
+                [t.overrides + self.launch_extra for t in group], initial_job_idx=group[0].num
             )
             for trial, result in zip(group, results, strict=True):
                 self._record(trial, result)
@@ -927,9 +1012,93 @@ class MilpNevergradSweeper(Sweeper):
         sign = -1.0 if self.optim["maximize"] else 1.0
         return min(ok, key=lambda r: (sign * float(r["objective"]), int(r["trial"])))
 
-    def _finish(self) -> dict[str, Any]:
+    def _log_best(self, best: Mapping[str, Any] | None) -> None:
+        """Report the best trial (or that none succeeded)."""
+        n_failed = sum(r.get("status") != "ok" for r in self.records.values())
+        if best is None:
+            log.warning("No trial succeeded (%d failed); no best.yaml", len(self.records))
+            return
+        log.info(
+            "Best trial %d of %d (%d failed): objective %.6g with %s",
+            best["trial"],
+            len(self.records),
+            n_failed,
+            best["objective"],
+            " ".join(best["overrides"]),
+        )
+
+    @property
+    def final_record_path(self) -> Path:
+        """Durable record of the final evaluation (what a re-run checks before redoing it)."""
+        return self.sweep_dir / FINAL_FILE
+
+    def _final_evaluation(self, best: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the best trial once more with ``final_overrides`` (e.g. ``split=test``).
+
+        One job in ``<sweep dir>/final-trial<N>`` (N: the best trial). A re-run of a sweep
+        whose final evaluation already succeeded for the same best trial and overrides
+        reuses the recorded result instead of launching it again.
+        """
+        overrides = final_job_overrides(best["overrides"], self.final_overrides)
+        subdir = f"final-trial{best['trial']}"
+        previous = read_json(self.final_record_path)
+        if (
+            previous
+            and previous.get("status") == "ok"
+            and previous.get("trial") == best["trial"]
+            and previous.get("overrides") == overrides
+        ):
+            log.info(
+                "Final evaluation (%s) of best trial %d already done: objective %.6g; job %s",
+                " ".join(self.final_overrides),
+                best["trial"],
+                previous["objective"],
+                previous.get("job_dir"),
+            )
+            return previous
+        log.info(
+            "Final evaluation: best trial %d with %s, in %s",
+            best["trial"],
+            " ".join(self.final_overrides),
+            self.sweep_dir / subdir,
+        )
+        assert self.launcher is not None
+        self._launched += 1
+        [result] = self.launcher.launch(
+            [[*overrides, *self.launch_extra, f"hydra.sweep.subdir={subdir}"]],
+            initial_job_idx=max(self.records, default=-1) + 1,
+        )
+        objective, error = job_objective(result)
+        output_dir = job_output_dir(result)
+        record = {
+            "trial": best["trial"],
+            "status": "ok" if error is None else "failed",
+            "objective": objective,
+            "search_objective": best["objective"],
+            "duration_s": pop_job_duration(output_dir),
+            "error": error,
+            "overrides": overrides,
+            "job_dir": output_dir,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_atomic(self.final_record_path, json.dumps(record, indent=1, default=str) + "\n")
+        if error is None:
+            log.info(
+                "Final evaluation (%s) of best trial %d: objective %.6g (search: %.6g); job %s",
+                " ".join(self.final_overrides),
+                best["trial"],
+                objective,
+                best["objective"],
+                output_dir,
+            )
+        else:
+            log.warning("Final evaluation failed (re-run the sweep to retry): %s", error)
+        return record
+
+    def _finish(
+        self, best: dict[str, Any] | None, final: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Write best.yaml and optimization_results.yaml, log the best, W&B summary."""
-        best = self._best()
         n_ok = sum(r.get("status") == "ok" for r in self.records.values())
         results = {
             "name": "milp_nevergrad",
@@ -945,26 +1114,26 @@ class MilpNevergradSweeper(Sweeper):
             "best_evaluated_params": None if best is None else best["params"],
             "best_evaluated_result": None if best is None else best["objective"],
         }
-        write_atomic(self.sweep_dir / "optimization_results.yaml", dump_yaml(results))
-        if best is None:
-            log.warning("No trial succeeded (%d failed); no best.yaml", len(self.records))
-        else:
+        if final is not None:
+            results["final_overrides"] = list(self.final_overrides)
+            results["test_result"] = final["objective"]
+            results["test_job_dir"] = final["job_dir"]
+            results["test_status"] = final["status"]
+        results_file = self.sweep_dir / "optimization_results.yaml"
+        previous = yaml.safe_load(results_file.read_text()) if results_file.is_file() else None
+        write_atomic(results_file, dump_yaml(results))
+        if best is not None:
             best_file = {
                 "objective": best["objective"],
                 "trial": best["trial"],
                 "overrides": self._override_mapping(best),
             }
             write_atomic(self.sweep_dir / "best.yaml", dump_yaml(best_file))
-            log.info(
-                "Best trial %d of %d (%d failed): objective %.6g with %s",
-                best["trial"],
-                len(self.records),
-                results["n_failed"],
-                best["objective"],
-                " ".join(best["overrides"]),
-            )
         if self.wandb.get("enabled"):
-            self._wandb_summary(best)
+            if self._launched or previous != results:
+                self._wandb_summary(best, final)
+            else:
+                log.info("Nothing new since the last W&B summary run; not writing another")
         return results
 
     def _override_mapping(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -974,7 +1143,9 @@ class MilpNevergradSweeper(Sweeper):
             mapping[spec.key] = record["params"].get(name)
         return mapping
 
-    def _wandb_summary(self, best: Mapping[str, Any] | None) -> None:
+    def _wandb_summary(
+        self, best: Mapping[str, Any] | None, final: Mapping[str, Any] | None = None
+    ) -> None:
         """One offline W&B run with per-trial objectives, the best-so-far curve and the
         best params as summary. A W&B problem must not fail a finished sweep."""
         try:
@@ -985,6 +1156,7 @@ class MilpNevergradSweeper(Sweeper):
                 best=best,
                 run_config={"optim": self.optim, "search_space": list(self.space.params)},
                 maximize=bool(self.optim["maximize"]),
+                final=final,
             )
         except Exception as err:
             log.warning("W&B summary run failed: %s", err)
@@ -997,11 +1169,12 @@ def log_wandb_summary(
     best: Mapping[str, Any] | None,
     run_config: Mapping[str, Any],
     maximize: bool,
+    final: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the sweep's W&B summary run (offline, into $WANDB_DIR or the sweep dir)."""
     import wandb
 
-    group = settings.get("group") or sweep_dir.name
+    group = str(settings.get("group") or sweep_dir.name)
     init_kwargs = dict(
         project=settings.get("project") or "milp",
         group=group,
@@ -1036,6 +1209,9 @@ def log_wandb_summary(
         run.summary["best_objective"] = best["objective"]
         run.summary["best_trial"] = best["trial"]
         run.summary["best_params"] = dict(best["params"])
+    if final is not None and final.get("objective") is not None:
+        run.summary["test_result"] = final["objective"]
+        run.summary["test_overrides"] = list(final["overrides"])
     run.finish()
 
 

@@ -1,0 +1,321 @@
+"""`python -m milp.generate store=RUN`: answer many users' queries with their stored memories.
+
+Serving: the memories of up to `users_per_batch` users are loaded from a run's adapter
+store into one peft model, each user as one adapter (a user's `num_loras` modules of
+rank r share the scale alpha/r, so they are stacked exactly into one rank `num_loras*r`
+adapter with alpha `num_loras*alpha`), and their queries are answered together in
+mixed-adapter batches: peft's `adapter_names=[...]` gives every row its own user's
+adapter, in inference mode. Users without a stored memory are answered by the base
+model (`__base__`).
+
+Queries come from the run's own data (its `.hydra/config.yaml`: model, data, split,
+prompt format, decoding), or from `queries=file.jsonl` (`{"user_id", "prompt", "id"?}`
+per line). With `compare_one_at_a_time=true` the same queries are also answered user by
+user (`load_memory`, generate, unload), and both throughputs are printed.
+
+    python -m milp.generate store=outputs/2026-01-01/12-00-00
+    python -m milp.generate store=RUN queries=new_queries.jsonl users_per_batch=64
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from milp.data.datamodule import PromptFormat, QueryCollator
+from milp.data.users import Query, user_slug
+from milp.errors import MilpError
+from milp.memory import load_memory, remove_memory
+from milp.store import atomic_write_text
+
+log = logging.getLogger("milp")
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# This command's own settings, kept when the rest comes from the run's configuration.
+SERVE_KEYS = ("store", "queries", "users_per_batch", "batch_size", "device", "paths")
+SERVE_KEYS += ("compare_one_at_a_time",)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One query of one user."""
+
+    user_id: str
+    query: Query
+
+
+def store_root(path: str | Path) -> Path:
+    """The adapters/ directory of a run (or the directory itself if it is one)."""
+    path = Path(path)
+    root = path / "adapters" if (path / "adapters").is_dir() else path
+    if not root.is_dir():
+        raise MilpError(f"store={path}: no such directory")
+    return root
+
+
+def merged_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A user's stored memory as one peft adapter: its modules stacked along the rank."""
+    index = directory / "memory.json"
+    if not index.is_file():
+        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
+    names = json.loads(index.read_text())["adapters"]
+    configs = [LoraConfig.from_pretrained(str(directory / n)) for n in names]
+    states = [load_file(directory / n / "adapter_model.safetensors") for n in names]
+    first = configs[0]
+    for config in configs[1:]:
+        if (config.r, config.lora_alpha, set(config.target_modules)) != (
+            first.r,
+            first.lora_alpha,
+            set(first.target_modules),
+        ):
+            raise MilpError(f"{directory}: its memory modules differ in shape; cannot stack")
+    merged: dict[str, torch.Tensor] = {}
+    for key in states[0]:
+        dim = 0 if ".lora_A." in key else 1
+        merged[key] = torch.cat([s[key] for s in states], dim=dim)
+    k = len(names)
+    config = LoraConfig(
+        r=first.r * k,
+        lora_alpha=first.lora_alpha * k,  # same scale alpha/r as each module
+        lora_dropout=0.0,
+        target_modules=first.target_modules,
+        layers_to_transform=first.layers_to_transform,
+        layers_pattern=first.layers_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+    )
+    return config, merged
+
+
+class MixedServer:
+    """Loads users' memories into one peft model and answers mixed-user batches."""
+
+    def __init__(self, model, tokenizer, root: Path, prompt_format: PromptFormat, generation):
+        self.model, self.tokenizer, self.root = model, tokenizer, root
+        self.collate = QueryCollator(tokenizer, prompt_format)
+        self.generation = dict(generation)
+
+    def has_memory(self, user_id: str) -> bool:
+        return (self.root / user_slug(user_id) / "memory.json").is_file()
+
+    def load(self, user_ids: Sequence[str]) -> PeftModel | None:
+        """A peft model carrying these users' memories, one adapter per user."""
+        peft_model = None
+        for user_id in user_ids:
+            name = user_slug(user_id)
+            config, state = merged_adapter(self.root / name)
+            if peft_model is None:
+                peft_model = get_peft_model(self.model, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+            result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+            if getattr(result, "unexpected_keys", None):
+                raise MilpError(f"{self.root / name}: keys the model does not have")
+        if peft_model is not None:
+            peft_model.eval()
+            peft_model.requires_grad_(False)
+        return peft_model
+
+    @torch.no_grad()
+    def generate(self, model, requests: Sequence[Request], adapter_names=None) -> list[str]:
+        batch = self.collate([(r.user_id, r.query) for r in requests])
+        device = next(self.model.parameters()).device
+        kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+        output = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **self.generation,
+            **kwargs,
+        )
+        continuations = output[:, batch["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def answer_mixed(
+        self, requests: Sequence[Request], users_per_batch: int, batch_size: int
+    ) -> tuple[list[str], dict[str, float]]:
+        """All requests, `users_per_batch` users' memories loaded at a time."""
+        users = list(dict.fromkeys(r.user_id for r in requests))
+        answers: dict[int, str] = {}
+        timing = {"load_seconds": 0.0, "generate_seconds": 0.0}
+        for start in range(0, len(users), users_per_batch):
+            group = users[start : start + users_per_batch]
+            with_memory = [u for u in group if self.has_memory(u)]
+            started = time.perf_counter()
+            peft_model = self.load(with_memory)
+            timing["load_seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            chosen = set(group)
+            rows = [i for i, r in enumerate(requests) if r.user_id in chosen]
+            for first in range(0, len(rows), batch_size):
+                part = rows[first : first + batch_size]
+                names = [
+                    user_slug(requests[i].user_id) if requests[i].user_id in with_memory else BASE
+                    for i in part
+                ]
+                model = peft_model if peft_model is not None else self.model
+                texts = self.generate(
+                    model, [requests[i] for i in part], names if peft_model else None
+                )
+                answers.update(zip(part, texts, strict=True))
+            timing["generate_seconds"] += time.perf_counter() - started
+            if peft_model is not None:
+                self.model = peft_model.unload()
+        return [answers[i] for i in range(len(requests))], timing
+
+    def answer_one_at_a_time(self, requests: Sequence[Request]) -> tuple[list[str], dict]:
+        """The reference: per user, load its memory, answer its queries, unload."""
+        answers: dict[int, str] = {}
+        timing = {"load_seconds": 0.0, "generate_seconds": 0.0}
+        for user_id in dict.fromkeys(r.user_id for r in requests):
+            rows = [i for i, r in enumerate(requests) if r.user_id == user_id]
+            started = time.perf_counter()
+            model = self.model
+            if self.has_memory(user_id):
+                model = load_memory(self.model, self.root / user_slug(user_id))
+            timing["load_seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            answers.update(
+                zip(rows, self.generate(model, [requests[i] for i in rows]), strict=True)
+            )
+            timing["generate_seconds"] += time.perf_counter() - started
+            if model is not self.model:
+                self.model = remove_memory(model)
+        return [answers[i] for i in range(len(requests))], timing
+
+
+def run_config(store: Path) -> DictConfig | None:
+    """The configuration a run was made with (its Hydra-saved config), if present."""
+    for candidate in (store / ".hydra" / "config.yaml", store.parent / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            return OmegaConf.load(candidate)
+    return None
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    requests = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            requests.append(
+                Request(
+                    str(record["user_id"]),
+                    Query(str(record.get("id", f"q{number}")), str(record["prompt"])),
+                )
+            )
+        except (ValueError, KeyError) as err:
+            raise MilpError(f"{path}:{number}: needs user_id and prompt ({err})") from None
+    return requests
+
+
+def serve(cfg: DictConfig) -> dict[str, Any]:
+    """Answer the requests; write answers.jsonl; return the throughput figures."""
+    root = store_root(cfg.store)
+    source = run_config(Path(cfg.store)) if cfg.use_run_config else None
+    settings = cfg
+    if source is not None:  # answer as the run did: its model, users, prompts, decoding
+        settings = source
+        with open_dict(settings):
+            for key in SERVE_KEYS:
+                settings[key] = cfg[key]
+            if not cfg.generation_from_run or "generation" not in source:
+                settings.generation = cfg.generation
+    base = instantiate(settings.model)
+    if settings.device:
+        base.model.to(settings.device)
+    prompt_format = instantiate(settings.data.prompt_format)
+    if settings.queries:
+        requests = read_requests(settings.queries)
+    else:
+        datamodule = instantiate(settings.data)
+        requests = [Request(u.user_id, q) for u in datamodule.users for q in u.queries]
+    if not requests:
+        raise MilpError("no queries to answer")
+    server = MixedServer(
+        base.model,
+        base.tokenizer,
+        root,
+        prompt_format,
+        OmegaConf.to_container(settings.generation, resolve=True),
+    )
+    users = len({r.user_id for r in requests})
+    stored = sum(server.has_memory(u) for u in {r.user_id for r in requests})
+    started = time.perf_counter()
+    answers, mixed = server.answer_mixed(
+        requests, int(settings.users_per_batch), int(settings.batch_size)
+    )
+    mixed["seconds"] = time.perf_counter() - started
+    out = Path(HydraConfig.get().runtime.output_dir) / "answers.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "id": r.query.id,
+                "user_id": r.user_id,
+                "prediction": a,
+                "gold": r.query.gold,
+                "memory": server.has_memory(r.user_id),
+            }
+        )
+        for r, a in zip(requests, answers, strict=True)
+    ]
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    report = {
+        "queries": len(requests),
+        "users": users,
+        "users_with_memory": stored,
+        "users_per_batch": int(settings.users_per_batch),
+        "mixed": mixed,
+        "answers": str(out),
+    }
+    print(f"{len(requests)} queries of {users} users ({stored} with a stored memory) -> {out}")
+    print(
+        f"mixed-adapter batches ({settings.users_per_batch} users per peft model): "
+        f"{mixed['seconds']:.2f} s, {len(requests) / mixed['seconds']:.1f} queries/s "
+        f"(loading {mixed['load_seconds']:.2f} s, generating {mixed['generate_seconds']:.2f} s)"
+    )
+    if settings.compare_one_at_a_time:
+        started = time.perf_counter()
+        single, one = server.answer_one_at_a_time(requests)
+        one["seconds"] = time.perf_counter() - started
+        same = sum(a == b for a, b in zip(answers, single, strict=True))
+        report |= {"one_at_a_time": one, "identical_answers": same}
+        print(
+            f"one user at a time: {one['seconds']:.2f} s, "
+            f"{len(requests) / one['seconds']:.1f} queries/s (loading {one['load_seconds']:.2f} s,"
+            f" generating {one['generate_seconds']:.2f} s)"
+        )
+        print(f"identical answers: {same}/{len(requests)}")
+        print(f"mixed/one-at-a-time queries-per-second: {one['seconds'] / mixed['seconds']:.2f}x")
+    atomic_write_text(out.with_name("throughput.json"), json.dumps(report, indent=2))
+    return report
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        serve(cfg)
+    except MilpError as err:
+        print(f"milp: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
