@@ -218,9 +218,7 @@ def run(cfg: DictConfig) -> float | None:
     results = [done.get(u.user_id) or store.load_result(u) for u in users]
     summary = summarize(cfg, memory, results, datamodule)
     store.write_outputs(results, summary)
-    rows = {
-        ("memory injection" if memory.enabled else "zero-shot (memory=none)"): summary["memory"]
-    }
+    rows = {method_name(memory, datamodule.retrieval_k): summary["memory"]}
     if summary.get("no_memory"):
         rows["no memory (same users)"] = summary["no_memory"]
     print(f"\n{datamodule.name} / split {cfg.split} / {len(users)} users\n{format_table(rows)}")
@@ -230,6 +228,18 @@ def run(cfg: DictConfig) -> float | None:
         logger.log_metrics(flat | {"objective": summary["objective"] or 0.0})
         logger.finalize("success")
     return summary["objective"]
+
+
+def method_name(memory: MemoryConfig, retrieval_k: int) -> str:
+    """How the main row of the results table is labelled."""
+    name = "memory injection" if memory.enabled else "zero-shot (memory=none)"
+    if retrieval_k:
+        name = (
+            f"memory + retrieval (k={retrieval_k})"
+            if memory.enabled
+            else f"retrieval (k={retrieval_k})"
+        )
+    return name
 
 
 def summarize(cfg: DictConfig, memory: MemoryConfig, results: list[dict], datamodule) -> dict:
