@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 # 8 layers, like the default, so the search space's layer windows are valid.
@@ -19,6 +20,9 @@ SMOKE_MODEL = [
 ]
 
 
+# About ten real milp.train processes (search, four ablations, five methods): several
+# minutes on 2 cores, so it runs with `make test-all`, not in the default suite.
+@pytest.mark.slow
 def test_reproduce_smoke_writes_tables_and_plots(milp_cache, tmp_path):
     out = tmp_path / "results"
     env = os.environ | {
