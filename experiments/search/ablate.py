@@ -124,7 +124,8 @@ def collect(dimension: str, directory: Path) -> list[dict[str, Any]]:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         value = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key)
         metrics = json.loads(metrics_file.read_text())
-        rows.append({"value": value, "job_dir": str(job), **metrics})
+        where = job.relative_to(ROOT) if job.is_relative_to(ROOT) else job
+        rows.append({"value": value, "job_dir": str(where), **metrics})
     return rows
 
 
@@ -157,7 +158,7 @@ def markdown_table(
     scored = [r for r in rows if r.get("memory")]
     top = max((r["memory"]["rougeL"] for r in scored), default=None)
     source = (
-        f"the best BO trial ({best.get('trial')}, dev objective {best.get('objective')})"
+        f"the best BO trial ({best.get('trial')}, dev objective {best.get('objective'):.4f})"
         if best
         else "the defaults (no BO result was found)"
     )
@@ -183,6 +184,16 @@ def markdown_table(
         lines.append(
             f"| {value} | " + " | ".join(cells) + f" | {memory['users']} | {memory['examples']} |"
         )
+    if best:
+        _, replaced = DIMENSIONS[dimension]
+        own = {k: v for k, v in (best.get("overrides") or {}).items() if k in replaced}
+        if own and set(own) != {key}:  # e.g. the best's layer window: not a row above
+            lines += [
+                "",
+                "The best trial's own setting of this dimension, for reference: "
+                + ", ".join(f"`{k}={v}`" for k, v in own.items())
+                + f" (dev objective {best.get('objective'):.4f} in the search).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", default=",".join(DIMENSIONS), help="comma-separated dimensions")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the tables go")
+    parser.add_argument(
+        "--no-run", action="store_true", help="only rebuild the tables from existing jobs"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
     dimensions = [d.strip() for d in args.only.split(",") if d.strip()]
@@ -207,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     for dimension in dimensions:
         overrides = ablation_overrides(dimension, settings, args.overrides)
         directory = sweep_dir(dimension, overrides)
-        run_ablation(dimension, overrides, directory)
+        if not args.no_run:
+            run_ablation(dimension, overrides, directory)
+        elif not directory.is_dir():
+            print(f"ablate: --no-run: no jobs in {directory}; skipping {dimension}")
+            continue
         rows = collect(dimension, directory)
         table = markdown_table(dimension, rows, overrides, best)
         out = args.out / f"ablate_{dimension}.md"

@@ -8,7 +8,8 @@ Each trial is one Hydra job: the sweeper asks nevergrad for ``num_workers`` poin
 them into override lists, launches them together through the configured Hydra launcher,
 appends one JSON line per trial to ``<sweep dir>/trials.jsonl`` and tells nevergrad the
 results. Re-running the same command on the same sweep dir replays that log and runs only
-the missing trials.
+the missing trials. Optionally (``final_overrides``) the best trial then runs once more with
+extra overrides (e.g. ``split=test``), recorded so that a re-run does not repeat it.
 
 nevergrad (~3 s to import) and wandb are imported lazily: Hydra imports this module in
 *every* app for plugin discovery, and configuration errors are reported before either loads.
@@ -825,7 +826,7 @@ class MilpNevergradSweeper(Sweeper):
         return parsed
 
     def _check_final_composition(self, space: SearchSpace) -> None:
-        """The final evaluation's overrides compose with the fixed ones and every choice."""
+        """The final evaluation's overrides compose with the fixed overrides (before any trial)."""
         assert self.config is not None and self.hydra_context is not None
         fixed = final_job_overrides(space.fixed_overrides(), self.final_overrides)
         try:
