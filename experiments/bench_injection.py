@@ -142,7 +142,8 @@ def load_model(args, cfg):
         base = tiny
     else:
         base = load_base_model(args.model, dtype=args.dtype)
-    base.model.to(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    base.model.to(device=args.device, dtype=dtype)  # frozen base; memories stay float32
     return base
 
 
@@ -404,8 +405,9 @@ def workload(args):
     }
 
 
-def compare_adapters(dirs: dict[str, Path], users) -> dict[str, float]:
-    """Largest absolute difference between each path's adapters and the batched ones."""
+def compare_adapters(dirs: dict[str, Path], users) -> dict[str, list[float]]:
+    """Per user, the largest absolute difference between a path's adapters and the
+    batched path's."""
     from safetensors.torch import load_file
 
     def load(path: Path) -> dict:
@@ -421,13 +423,13 @@ def compare_adapters(dirs: dict[str, Path], users) -> dict[str, float]:
     for name, directory in dirs.items():
         if name == "batched":
             continue
-        worst = 0.0
+        per_user = []
         for user in users:
             ref, other = load(dirs["batched"] / user.slug), load(directory / user.slug)
             if set(ref) != set(other):
                 raise SystemExit(f"{name}: adapters of {user.user_id} have other tensors")
-            worst = max(worst, max(float((ref[k] - other[k]).abs().max()) for k in ref))
-        diffs[name] = worst
+            per_user.append(max(float((ref[k] - other[k]).abs().max()) for k in ref))
+        diffs[name] = per_user
     return diffs
 
 
@@ -499,12 +501,24 @@ def main(argv=None) -> None:
         f"{next(iter(results.values()))['threads']}; load average before "
         f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)"
     )
-    for name, diff in diffs.items():
-        print(f"max |adapter difference| {name} vs batched: {diff:.2e}")
+    for name, per_user in diffs.items():
+        ordered = sorted(per_user)
+        median, close = ordered[len(ordered) // 2], sum(d < 1e-3 for d in per_user)
+        print(
+            f"|adapter difference| {name} vs batched, per user: median {median:.1e}, "
+            f"max {ordered[-1]:.1e}; {close}/{len(per_user)} users within 1e-3"
+        )
+    if diffs:
+        print(
+            "  (float rounding differs between the paths; at lr=1e-2 AdamW amplifies it on "
+            "some users' longer runs, as a 1e-7 relative change of the initial weights does "
+            "within the peft path itself)"
+        )
     if peak:
         print(f"MFU: model FLOPs {work['flops']:.3e} / seconds / peak {peak} TFLOP/s")
     if args.json:
-        args.json.write_text(json.dumps({"workload": work, "results": results}, indent=2))
+        summary = {"workload": work, "results": results, "adapter_differences": diffs}
+        args.json.write_text(json.dumps(summary, indent=2))
     ratios = []
     for other in ("lightning", "peft"):
         if "batched" in results and other in results:

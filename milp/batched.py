@@ -26,6 +26,7 @@ Weights go in and out in peft's own layout (`peft_state_dicts`, `read_memory`,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -230,11 +231,33 @@ def segments_of(index: Sequence[int]) -> list[Segment]:
     return out
 
 
+def _uniform(segments: Sequence[Segment], rows: int) -> bool:
+    """Whether the segments tile all rows in equal runs of distinct slots (one bmm)."""
+    if not segments or len({slot for slot, _, _ in segments}) != len(segments):
+        return False
+    size = segments[0][2] - segments[0][1]
+    return (
+        all(first == i * size and end - first == size for i, (_, first, end) in enumerate(segments))
+        and segments[-1][2] == rows
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_tensor_cached(slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.long, device=device)
+
+
+def _slot_tensor(segments: Sequence[Segment], device: torch.device) -> torch.Tensor:
+    """The segments' slots as an index tensor (cached: one copy per routing, not per layer)."""
+    return _slot_tensor_cached(tuple(slot for slot, _, _ in segments), device)
+
+
 class _RoutedLoRA(torch.autograd.Function):
     """base_out + scaling * x @ A[slot]^T @ B[slot]^T on each segment of rows.
 
-    One pair of matrix products per segment (per user in the batch): no per-row copies
-    of the weights, and only the small rank-sized activations are kept for backward.
+    Per segment (a user's rows) one pair of matrix products, batched into one `bmm`
+    when all users bring the same number of rows: no per-row copies of the weights,
+    and only the small rank-sized activations are kept for backward.
     """
 
     @staticmethod
@@ -246,6 +269,17 @@ class _RoutedLoRA(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         out = base_out.view(-1, base_out.shape[-1])
         per_row = x2.shape[0] // rows  # tokens per row
+        ctx.segments, ctx.scaling, ctx.per_row = segments, scaling, per_row
+        ctx.uniform = _uniform(segments, rows)
+        if ctx.uniform:
+            slots = _slot_tensor(segments, x.device)
+            xs = x2.view(len(segments), -1, x2.shape[-1])
+            a = lora_a.index_select(0, slots).to(x2.dtype)
+            b = lora_b.index_select(0, slots).to(x2.dtype)
+            h = torch.bmm(xs, a.transpose(1, 2)) * scaling
+            out.view(len(segments), -1, out.shape[-1]).baddbmm_(h, b.transpose(1, 2))
+            ctx.save_for_backward(x, lora_a, lora_b, slots, h)
+            return base_out
         hs = []
         for slot, first, end in segments:
             span = slice(first * per_row, end * per_row)
@@ -253,16 +287,33 @@ class _RoutedLoRA(torch.autograd.Function):
             out[span].addmm_(h, lora_b[slot].to(x2.dtype).t())
             hs.append(h)
         ctx.save_for_backward(x, lora_a, lora_b, *hs)
-        ctx.segments, ctx.scaling, ctx.per_row = segments, scaling, per_row
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_a, lora_b, *hs = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[1]
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.uniform:
+            x, lora_a, lora_b, slots, h = ctx.saved_tensors
+            n = len(ctx.segments)
+            g = g2.view(n, -1, g2.shape[-1])
+            xs = x.reshape(n, -1, x.shape[-1]).to(g.dtype)
+            grad_b = torch.zeros_like(lora_b).index_copy_(
+                0, slots, torch.bmm(g.transpose(1, 2), h).to(lora_b.dtype)
+            )
+            b = lora_b.index_select(0, slots).to(g.dtype)
+            grad_h = torch.bmm(g, b) * ctx.scaling
+            grad_a = torch.zeros_like(lora_a).index_copy_(
+                0, slots, torch.bmm(grad_h.transpose(1, 2), xs).to(lora_a.dtype)
+            )
+            grad_x = None
+            if need_x:
+                a = lora_a.index_select(0, slots).to(g.dtype)
+                grad_x = torch.bmm(grad_h, a).view(x.shape).to(x.dtype)
+            return grad_out, grad_x, grad_a, grad_b, None, None
+        x, lora_a, lora_b, *hs = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
         grad_a, grad_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-        need_x = ctx.needs_input_grad[1]
         covered = sum(end - first for _, first, end in ctx.segments) * ctx.per_row
         grad_x = None
         if need_x:  # rows outside every segment (no memory) get no gradient from here

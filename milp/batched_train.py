@@ -44,6 +44,7 @@ from milp.batched import (
     clip_grad_value_,
     fresh_weights,
     memory_targets,
+    read_memory,
     write_memory,
 )
 from milp.data.datamodule import IGNORE_INDEX, UserDataModule
@@ -423,8 +424,6 @@ def batched_results(
     Records have the keys of `milp.train.train_user`'s; `train_seconds` and `seconds`
     are the user's share of the batched steps (by tokens) and of its answering batch.
     """
-    from milp.batched import read_memory  # local: keeps the import list short
-
     slots = int(cfg.injection.users_per_batch)
     settings = TrainSettings.from_trainer_config(cfg.trainer)
     model = base.model

@@ -6,7 +6,8 @@ rank r share the scale alpha/r, so they are stacked exactly into one rank `num_l
 adapter with alpha `num_loras*alpha`), and their queries are answered together in
 mixed-adapter batches: peft's `adapter_names=[...]` gives every row its own user's
 adapter, in inference mode. Users without a stored memory are answered by the base
-model (`__base__`).
+model (`__base__`). `engine=routed` runs the same mixed batches through milp's own
+stacked memories (`milp.batched.MemoryBank`) instead of peft's per-adapter loop.
 
 Queries come from the run's own data (its `.hydra/config.yaml`: model, data, split,
 prompt format, decoding), or from `queries=file.jsonl` (`{"user_id", "prompt", "id"?}`
@@ -36,17 +37,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from milp.batched import MemoryBank, memory_targets, read_memory
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
 from milp.errors import MilpError
-from milp.memory import load_memory, remove_memory
+from milp.memory import MemoryConfig, load_memory, remove_memory
 from milp.store import atomic_write_text
 
 log = logging.getLogger("milp")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # This command's own settings, kept when the rest comes from the run's configuration.
 SERVE_KEYS = ("store", "queries", "users_per_batch", "batch_size", "device", "paths")
-SERVE_KEYS += ("compare_one_at_a_time",)
+SERVE_KEYS += ("compare_one_at_a_time", "engine")
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,55 @@ class MixedServer:
                 self.model = peft_model.unload()
         return [answers[i] for i in range(len(requests))], timing
 
+    def answer_routed(
+        self, requests: Sequence[Request], users_per_batch: int, batch_size: int
+    ) -> tuple[list[str], dict[str, float]]:
+        """The same mixed batches through milp's stacked memories (`MemoryBank`): per
+        layer one matrix-product pair per user's rows, instead of peft's per-adapter loop."""
+        users = list(dict.fromkeys(r.user_id for r in requests))
+        stored = [u for u in users if self.has_memory(u)]
+        answers: dict[int, str] = {}
+        timing = {"load_seconds": 0.0, "generate_seconds": 0.0}
+        started = time.perf_counter()
+        bank = memory = targets = None
+        if stored:
+            memory = stored_memory_config(self.root / user_slug(stored[0]))
+            targets = memory_targets(self.model, memory)
+            device = next(self.model.parameters()).device
+            bank = MemoryBank(targets, min(users_per_batch, len(stored)), memory, device=device)
+            bank.attach(self.model)
+        timing["load_seconds"] += time.perf_counter() - started
+        try:
+            for start in range(0, len(users), users_per_batch):
+                group = users[start : start + users_per_batch]
+                started = time.perf_counter()
+                slot_of: dict[str, int] = {}
+                for user_id in group:
+                    if bank is not None and self.has_memory(user_id):
+                        weights = read_memory(self.root / user_slug(user_id), targets, memory)
+                        bank.load_user(len(slot_of), weights)
+                        slot_of[user_id] = len(slot_of)
+                timing["load_seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                chosen = set(group)
+                rows = [i for i, r in enumerate(requests) if r.user_id in chosen]
+                rows.sort(key=lambda i: slot_of.get(requests[i].user_id, -1))  # users together
+                for first in range(0, len(rows), batch_size):
+                    part = rows[first : first + batch_size]
+                    slots = [slot_of.get(requests[i].user_id, -1) for i in part]
+                    batch = [requests[i] for i in part]
+                    if bank is None:
+                        texts = self.generate(self.model, batch)
+                    else:
+                        with bank.routing(slots):
+                            texts = self.generate(self.model, batch)
+                    answers.update(zip(part, texts, strict=True))
+                timing["generate_seconds"] += time.perf_counter() - started
+        finally:
+            if bank is not None:
+                bank.detach(self.model)
+        return [answers[i] for i in range(len(requests))], timing
+
     def answer_one_at_a_time(self, requests: Sequence[Request]) -> tuple[list[str], dict]:
         """The reference: per user, load its memory, answer its queries, unload."""
         answers: dict[int, str] = {}
@@ -198,6 +249,20 @@ class MixedServer:
             if model is not self.model:
                 self.model = remove_memory(model)
         return [answers[i] for i in range(len(requests))], timing
+
+
+def stored_memory_config(directory: Path) -> MemoryConfig:
+    """The shape of a stored memory (modules, rank, alpha, placement), from its files."""
+    names = json.loads((directory / "memory.json").read_text())["adapters"]
+    config = LoraConfig.from_pretrained(str(directory / names[0]))
+    layers = config.layers_to_transform
+    return MemoryConfig(
+        num_loras=len(names),
+        rank=config.r,
+        alpha=config.lora_alpha,
+        layers="all" if layers is None else list(layers),
+        target_modules=sorted(config.target_modules),
+    )
 
 
 def run_config(store: Path) -> DictConfig | None:
@@ -259,7 +324,10 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     users = len({r.user_id for r in requests})
     stored = sum(server.has_memory(u) for u in {r.user_id for r in requests})
     started = time.perf_counter()
-    answers, mixed = server.answer_mixed(
+    engines = {"peft": server.answer_mixed, "routed": server.answer_routed}
+    if settings.engine not in engines:
+        raise MilpError(f"engine={settings.engine!r}: use peft or routed")
+    answers, mixed = engines[settings.engine](
         requests, int(settings.users_per_batch), int(settings.batch_size)
     )
     mixed["seconds"] = time.perf_counter() - started
@@ -282,12 +350,13 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
         "users": users,
         "users_with_memory": stored,
         "users_per_batch": int(settings.users_per_batch),
+        "engine": str(settings.engine),
         "mixed": mixed,
         "answers": str(out),
     }
     print(f"{len(requests)} queries of {users} users ({stored} with a stored memory) -> {out}")
     print(
-        f"mixed-adapter batches ({settings.users_per_batch} users per peft model): "
+        f"mixed batches ({settings.engine}, {settings.users_per_batch} users per batch): "
         f"{mixed['seconds']:.2f} s, {len(requests) / mixed['seconds']:.1f} queries/s "
         f"(loading {mixed['load_seconds']:.2f} s, generating {mixed['generate_seconds']:.2f} s)"
     )

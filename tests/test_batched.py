@@ -218,7 +218,7 @@ def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
     from milp.batched_train import batched_results
     from milp.store import RunStore
 
-    cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=3")
+    cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=2")
     memory = instantiate(milp_train.split_memory_node(cfg.memory)[0])
     dm, base = instantiate(cfg.data), instantiate(cfg.model)
     dm.attach_tokenizer(base.tokenizer)
@@ -301,7 +301,7 @@ FAST = [
     "+experiment=lamp",
     *TINY_MODEL_OVERRIDES,
     "data.users.max_users=3",
-    "trainer.max_epochs=2",
+    "trainer.max_epochs=1",
     "memory.rank=2",
     "generation.max_new_tokens=8",
     "callbacks=none",
@@ -356,7 +356,16 @@ def test_batched_run_and_incremental_update_that_crashes(milp_cache, tmp_path):
     assert updated.keys() == stored.keys()
     assert max(float((updated[k] - stored[k]).abs().max()) for k in stored) > 1e-3
 
-    # The old run cannot be overwritten in place by an update.
-    clash = run_milp([*update, f"hydra.run.dir={old}"], milp_cache, check=False)
+
+@pytest.mark.slow
+def test_an_update_cannot_overwrite_the_stored_run(milp_cache, tmp_path):
+    old = tmp_path / "old"
+    run_milp([*FAST, "data.users.max_users=1", f"hydra.run.dir={old}"], milp_cache)
+    before = tree_digest(old / "adapters")
+    clash = run_milp(
+        [*FAST, "data.users.max_users=1", f"+memory.resume_from={old}", f"hydra.run.dir={old}"],
+        milp_cache,
+        check=False,
+    )
     assert clash.returncode == 2 and "different configuration" in clash.stderr
     assert tree_digest(old / "adapters") == before

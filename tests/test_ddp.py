@@ -18,7 +18,7 @@ FAST = [
     "+experiment=lamp",
     *TINY_MODEL_OVERRIDES,
     "data.users.max_users=4",
-    "trainer.max_epochs=2",
+    "trainer.max_epochs=1",
     "memory.rank=2",
     "generation.max_new_tokens=6",
     "callbacks=none",

@@ -31,7 +31,7 @@ def test_generate_answers_from_a_saved_store_like_the_run(milp_cache, tmp_path):
             "+experiment=lamp",
             *TINY_MODEL_OVERRIDES,
             "data.users.max_users=3",
-            "trainer.max_epochs=2",
+            "trainer.max_epochs=1",
             "generation.max_new_tokens=8",
             "callbacks=none",
             "logger=none",
@@ -79,7 +79,11 @@ def test_generate_answers_from_a_saved_store_like_the_run(milp_cache, tmp_path):
     assert report["mixed"]["seconds"] > 0 and report["one_at_a_time"]["seconds"] > 0
 
     own = tmp_path / "own"
-    run_generate([f"store={store}", f"queries={queries}", f"hydra.run.dir={own}"], milp_cache)
+    # milp's own stacked memories as the engine: same answers, a memory-less row included.
+    run_generate(
+        [f"store={store}", f"queries={queries}", "engine=routed", f"hydra.run.dir={own}"],
+        milp_cache,
+    )
     mine, stranger = [json.loads(line) for line in (own / "answers.jsonl").read_text().splitlines()]
     assert mine["memory"] and not stranger["memory"]
     assert mine["prediction"] == first["prediction"]
