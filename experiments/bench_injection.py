@@ -10,6 +10,10 @@ optimizer, steps and seeds:
              without answering the queries)
   batched    milp's batched path (milp.batched_train): users_per_batch users per
              forward/backward, continuous batching
+  ceiling    not a training path: the frozen base model's forward + backward (input
+             gradients through every layer, as memories on every layer need) on
+             mixed batches of the same shape, without memories or optimizer; the
+             speed no batched implementation can beat on this machine
 
 Each path runs in its own fresh process (so peak memory is its own); the clock covers
 users -> saved adapters, not process start-up or model loading. All three consume the
@@ -40,7 +44,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("peft", "lightning", "batched")
+PATHS = ("peft", "lightning", "batched", "ceiling")
+# Not a way to train: the frozen model's own forward + input-gradient backward at the
+# batched shape, with no memory and no optimizer. Any batched implementation must do at
+# least this per token, so it bounds what batching can gain on this machine.
+TRAINING_PATHS = PATHS[:3]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS = {
@@ -265,6 +273,47 @@ def run_peft(args, cfg, base, users, dm, out: Path) -> int:
     return 1
 
 
+def run_ceiling(args, cfg, base, users, dm, out: Path) -> int:
+    """The frozen model's forward + input-gradient backward at the batched shape.
+
+    Times a few steps on the first mixed batch (users_per_batch users' first mini-batch)
+    and reports the whole workload's time at that speed (the `seconds` of the result).
+    """
+    import torch
+
+    from milp.batched_train import pad_batch, per_slot_loss
+
+    slots = min(args.users_per_batch, len(users))
+    parts = [next(iter(dm.select(user).train_dataloader())) for user in users[:slots]]
+    batch = {k: v.to(args.device) for k, v in pad_batch(parts, base.tokenizer.pad_token_id).items()}
+    row_slots = torch.cat(
+        [torch.full((p["input_ids"].shape[0],), s) for s, p in enumerate(parts)]
+    ).to(args.device)
+    # A trainable embedding makes autograd carry input gradients through every layer
+    # (as memories on every layer do); its own gradient is a cheap scatter.
+    base.model.get_input_embeddings().weight.requires_grad_(True)
+    autocast = torch.autocast(
+        torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"
+    )
+
+    def step() -> None:
+        with autocast:
+            losses, _ = per_slot_loss(base.model, batch, row_slots, slots)
+        losses.sum().backward()
+        base.model.get_input_embeddings().weight.grad = None
+
+    step()  # warm-up
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    repeats, started = 5, time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    per_token = (time.perf_counter() - started) / (repeats * int(batch["attention_mask"].sum()))
+    return slots, per_token
+
+
 def instantiate_memory(cfg):
     from hydra.utils import instantiate
 
@@ -325,13 +374,17 @@ def worker(args) -> None:
     base = load_model(args, cfg)
     users = load_users(args, cfg)
     dm = make_datamodule(cfg, users, base.tokenizer)
-    run = {"peft": run_peft, "lightning": run_lightning, "batched": run_batched}[args.worker]
+    run = {"peft": run_peft, "lightning": run_lightning, "batched": run_batched}.get(args.worker)
     with PeakMemory(args.device) as memory:
         started = time.perf_counter()
-        concurrent = run(args, cfg, base, users, dm, args.out)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        if run is None:  # the ceiling: the workload's tokens at the measured speed
+            concurrent, per_token = run_ceiling(args, cfg, base, users, dm, args.out)
+            seconds = per_token * workload_tokens(cfg, base, users)
+        else:
+            concurrent = run(args, cfg, base, users, dm, args.out)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
     print(
         "RESULT "
         + json.dumps(
@@ -405,6 +458,15 @@ def workload(args):
     }
 
 
+def workload_tokens(cfg, base, users) -> int:
+    """Training tokens of the whole job: every history pair, every epoch."""
+    from hydra.utils import instantiate
+
+    fmt = instantiate(cfg.data.prompt_format)
+    pairs = sum(len(fmt.encode_pair(base.tokenizer, p)[0]) for u in users for p in u.history)
+    return cfg.trainer.max_epochs * pairs
+
+
 def compare_adapters(dirs: dict[str, Path], users) -> dict[str, list[float]]:
     """Per user, the largest absolute difference between a path's adapters and the
     batched path's."""
@@ -476,7 +538,8 @@ def main(argv=None) -> None:
     load_after = os.getloadavg()
 
     cfg = compose_config(args)
-    diffs = compare_adapters(dirs, load_users(args, cfg))
+    trained = {name: d for name, d in dirs.items() if name in TRAINING_PATHS}
+    diffs = compare_adapters(trained, load_users(args, cfg))
     device_name = next(iter(results.values()))["device_name"]
     peak = peak_tflops(args, device_name)
     header = (
@@ -485,6 +548,8 @@ def main(argv=None) -> None:
     )
     print("\n" + header + "\n" + "-" * len(header))
     for path, r in results.items():
+        if path == "ceiling":  # extrapolated from a few steps; no memory to measure
+            r["peak_bytes"] = r["baseline_bytes"]
         extra = (r["peak_bytes"] - r["baseline_bytes"]) / 2**20
         r["users_per_minute"] = work["users"] / r["seconds"] * 60
         r["tokens_per_second"] = work["tokens"] / r["seconds"]
@@ -528,6 +593,12 @@ def main(argv=None) -> None:
             )
             print(f"batched/sequential-{other} peak memory per user: {mem:.2f}x")
             ratios.append((other, speed))
+    if "ceiling" in results and "peft" in results:
+        bound = results["ceiling"]["users_per_minute"] / results["peft"]["users_per_minute"]
+        print(
+            f"ceiling/sequential-peft users-per-minute: {bound:.2f}x (the frozen model's own "
+            "forward+backward at the batched shape, no memory: an upper bound for batching here)"
+        )
     for other, speed in ratios:
         print(f"batched/sequential-{other} users-per-minute: {speed:.2f}x")
 

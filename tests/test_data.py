@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, UserDataModule
 from milp.data.history import load_history_users
@@ -217,6 +218,21 @@ def test_datamodule_serves_only_the_selected_user(tmp_path):
     assert queries["query_ids"] == ["111"] and queries["golds"] == ["Cup won"]
     with pytest.raises(MilpError, match="data.min_history is 2"):
         UserDataModule(users, min_history=2)
+
+
+def test_sparse_history_is_repeated_up_to_min_examples_per_epoch(tmp_path):
+    write_lamp(tmp_path, LAMP4_QUESTIONS, LAMP4_GOLDS)
+    users = load_lamp_split("LaMP_4", tmp_path, "dev")
+    rich, sparse = users  # 2 history items, 1 history item
+    datamodule = UserDataModule(users, batch_size=2, min_examples_per_epoch=2)
+    datamodule.attach_tokenizer(CharTokenizer())
+    epoch = list(datamodule.select(sparse).train_dataloader())
+    assert [b["input_ids"].shape[0] for b in epoch] == [2]  # its one item, twice
+    assert torch.equal(epoch[0]["input_ids"][0], epoch[0]["input_ids"][1])
+    epoch = list(datamodule.select(rich).train_dataloader())
+    assert sum(b["input_ids"].shape[0] for b in epoch) == 2  # enough history: unchanged
+    with pytest.raises(MilpError, match="data.min_examples_per_epoch"):
+        UserDataModule(users, min_examples_per_epoch=-1)
 
 
 def test_user_slug_is_safe_and_unique():

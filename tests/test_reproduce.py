@@ -1,5 +1,6 @@
 """`make reproduce-smoke`: the whole comparison pipeline on a tiny configuration."""
 
+import json
 import os
 import subprocess
 import sys
@@ -46,8 +47,19 @@ def test_reproduce_smoke_writes_tables_and_plots(milp_cache, tmp_path):
         "OPPU",
         "MiLP (searched",
         "MiLP + retrieval",
+        "default config (unsearched)",
+        "sparse-history",
     ]:
         assert method in report
     assert "≤5 items" in report and "The paper's claims" in report
+    # Every method answered the same test users (the search's own user cap must not leak).
+    answered = {
+        run.parent.parent.name: sorted(
+            u["history_size"] for u in json.loads(run.read_text())["per_user"]
+        )
+        for run in out.glob("runs/*/seed0/reproduce.json")
+    }
+    assert len(answered) == 7, answered
+    assert len({tuple(sizes) for sizes in answered.values()}) == 1, answered
     for plot in ["methods.png", "search_convergence.png"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

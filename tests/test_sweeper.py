@@ -145,6 +145,7 @@ def test_bo_finds_good_point_and_writes_results(tmp_path):
     best = load_yaml(sweep / "best.yaml")
     assert best["objective"] == max(t["objective"] for t in trials)
     assert best["overrides"]["memory.rank"] == 8  # the bonus choice
+    assert best["params"] == trials[best["trial"]]["params"]  # searched dimensions only
     assert best["objective"] > 0.15  # the optimum is 0.2 (x=0.3, rank 8)
 
     results = load_yaml(sweep / "optimization_results.yaml")

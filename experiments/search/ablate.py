@@ -79,10 +79,10 @@ def ablation_overrides(dimension: str, settings: dict[str, Any], extra: list[str
     return kept + list(extra)
 
 
-def sweep_dir(dimension: str, overrides: list[str]) -> Path:
-    """``multirun/ablate_<dim>/<hash>``: same overrides, same directory (resumable)."""
+def sweep_dir(dimension: str, overrides: list[str], jobs: Path = ROOT / "multirun") -> Path:
+    """``<jobs>/ablate_<dim>/<hash>``: same overrides, same directory (resumable)."""
     digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
-    return ROOT / "multirun" / f"ablate_{dimension}" / digest
+    return jobs / f"ablate_{dimension}" / digest
 
 
 def group_overrides(dimension: str, overrides: list[str]) -> list[str]:
@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(DIMENSIONS), help="comma-separated dimensions")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the tables go")
     parser.add_argument(
+        "--jobs", type=Path, default=ROOT / "multirun", help="where the ablation jobs run"
+    )
+    parser.add_argument(
         "--no-run", action="store_true", help="only rebuild the tables from existing jobs"
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for dimension in dimensions:
         overrides = ablation_overrides(dimension, settings, args.overrides)
-        directory = sweep_dir(dimension, overrides)
+        directory = sweep_dir(dimension, overrides, args.jobs.resolve())
         if not args.no_run:
             run_ablation(dimension, overrides, directory)
         elif not directory.is_dir():
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect(dimension, directory)
         table = markdown_table(dimension, rows, overrides, best)
         out = args.out / f"ablate_{dimension}.md"
-        out.write_text(table + f"\nJobs: `{directory.relative_to(ROOT)}`\n")
+        shown = directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory
+        out.write_text(table + f"\nJobs: `{shown}`\n")
         data = table_json(dimension, rows, overrides)
         (args.out / f"ablate_{dimension}.json").write_text(json.dumps(data, indent=1) + "\n")
         print(f"\n{table}\nwritten: {out}", flush=True)

@@ -1127,6 +1127,8 @@ class MilpNevergradSweeper(Sweeper):
             best_file = {
                 "objective": best["objective"],
                 "trial": best["trial"],
+                # params: the searched dimensions only; overrides: the whole trial job.
+                "params": dict(best["params"]),
                 "overrides": self._override_mapping(best),
             }
             write_atomic(self.sweep_dir / "best.yaml", dump_yaml(best_file))

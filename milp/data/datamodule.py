@@ -7,6 +7,7 @@ own user's history (a peer's code once let a buffer leak across users).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,8 +122,14 @@ class UserDataModule(L.LightningDataModule):
         path: str | None = None,
         retrieval_k: int = 0,
         retrieval_format: RetrievalFormat | None = None,
+        min_examples_per_epoch: int = 0,
     ) -> None:
         super().__init__()
+        if min_examples_per_epoch < 0:
+            raise MilpError(
+                f"data.min_examples_per_epoch must be >= 0, got {min_examples_per_epoch}"
+            )
+        self.min_examples_per_epoch = min_examples_per_epoch
         self.format = prompt_format or PromptFormat()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         # `path` is where the users were read from (data.path), kept for reports.
@@ -158,6 +165,11 @@ class UserDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._check_ready()
         pairs = [pair for user in self.selected for pair in user.history]
+        if pairs and len(pairs) < self.min_examples_per_epoch:
+            # Sparse history: a user with few items would get one or two optimizer steps
+            # per epoch; repeating the whole history gives them as many as a user with
+            # min_examples_per_epoch items (each item equally often).
+            pairs = pairs * math.ceil(self.min_examples_per_epoch / len(pairs))
         # A seeded generator makes the shuffling part of the run's determinism.
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         return DataLoader(
