@@ -204,6 +204,9 @@ def test_prompt_format_masks_prompt_and_keeps_answer_cue():
     assert ids[7:10] == CharTokenizer().encode("\nA:")  # cue survives truncation
     assert labels[:10] == [IGNORE_INDEX] * 10
     assert labels[10:] == CharTokenizer().encode(" xy") + [1]
+    chat = PromptFormat(template="{prompt}\nassistant\n", target_prefix="")
+    _, labels = chat.encode_pair(CharTokenizer(), HistoryPair("hi", "yo"))
+    assert [t for t in labels if t != IGNORE_INDEX] == CharTokenizer().encode("yo") + [1]
 
 
 def test_datamodule_serves_only_the_selected_user(tmp_path):

@@ -35,6 +35,9 @@ class PromptFormat:
     template: str = "{prompt}\nAnswer:"
     max_prompt_tokens: int = 256
     max_target_tokens: int = 64
+    # Text between the answer cue and the answer: a space after "Answer:"; nothing after
+    # a chat template's "assistant\n", whose replies start right away.
+    target_prefix: str = " "
 
     def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
         """Token ids of a formatted, truncated prompt."""
@@ -52,7 +55,7 @@ class PromptFormat:
 
     def target_ids(self, tokenizer, target: str) -> list[int]:
         """Token ids of an answer, ending with the end-of-sequence token."""
-        ids = tokenizer.encode(" " + target.strip(), add_special_tokens=False)
+        ids = tokenizer.encode(self.target_prefix + target.strip(), add_special_tokens=False)
         return ids[: self.max_target_tokens - 1] + [tokenizer.eos_token_id]
 
     def encode_pair(self, tokenizer, pair: HistoryPair) -> tuple[list[int], list[int]]:
