@@ -44,7 +44,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from milp.errors import MilpError
-from milp.memory import MemoryConfig, inject_memory, lora_config, place_memory, remove_memory
+from milp.memory import (
+    MemoryConfig,
+    inject_memory,
+    lora_config,
+    memory_names,
+    place_memory,
+    remove_memory,
+)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -134,10 +141,7 @@ def read_memory(
     target modules); anything else is a one-line error naming what differs.
     """
     directory = Path(directory)
-    index = directory / "memory.json"
-    if not index.is_file():
-        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
-    names = json.loads(index.read_text())["adapters"]
+    names = memory_names(directory)
     if len(names) != memory.num_loras:
         raise MilpError(
             f"{directory}: holds {len(names)} memory module(s), memory.num_loras is "

@@ -41,8 +41,8 @@ from milp.batched import MemoryBank, memory_targets, read_memory
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
 from milp.errors import MilpError
-from milp.memory import MemoryConfig, load_memory, remove_memory
-from milp.store import atomic_write_text
+from milp.memory import MemoryConfig, load_memory, memory_names, remove_memory
+from milp.store import adapters_root, atomic_write_text
 
 log = logging.getLogger("milp")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -59,21 +59,9 @@ class Request:
     query: Query
 
 
-def store_root(path: str | Path) -> Path:
-    """The adapters/ directory of a run (or the directory itself if it is one)."""
-    path = Path(path)
-    root = path / "adapters" if (path / "adapters").is_dir() else path
-    if not root.is_dir():
-        raise MilpError(f"store={path}: no such directory")
-    return root
-
-
 def merged_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A user's stored memory as one peft adapter: its modules stacked along the rank."""
-    index = directory / "memory.json"
-    if not index.is_file():
-        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
-    names = json.loads(index.read_text())["adapters"]
+    names = memory_names(directory)
     configs = [LoraConfig.from_pretrained(str(directory / n)) for n in names]
     states = [load_file(directory / n / "adapter_model.safetensors") for n in names]
     first = configs[0]
@@ -253,7 +241,7 @@ class MixedServer:
 
 def stored_memory_config(directory: Path) -> MemoryConfig:
     """The shape of a stored memory (modules, rank, alpha, placement), from its files."""
-    names = json.loads((directory / "memory.json").read_text())["adapters"]
+    names = memory_names(directory)
     config = LoraConfig.from_pretrained(str(directory / names[0]))
     layers = config.layers_to_transform
     return MemoryConfig(
@@ -293,7 +281,7 @@ def read_requests(path: str | Path) -> list[Request]:
 
 def serve(cfg: DictConfig) -> dict[str, Any]:
     """Answer the requests; write answers.jsonl; return the throughput figures."""
-    root = store_root(cfg.store)
+    root = adapters_root(cfg.store, "store")
     source = run_config(Path(cfg.store)) if cfg.use_run_config else None
     settings = cfg
     if source is not None:  # answer as the run did: its model, users, prompts, decoding

@@ -21,6 +21,7 @@ from torch import nn
 from milp.data.users import User
 from milp.errors import MilpError
 from milp.memory import MemoryConfig, inject_memory, load_memory, place_memory
+from milp.store import adapters_root
 
 RESUME_KEY = "resume_from"
 
@@ -38,10 +39,7 @@ class StoredMemories:
     """The users' memories of an earlier run, found by user."""
 
     def __init__(self, path: str | Path, memory: MemoryConfig, model: nn.Module) -> None:
-        path = Path(path)
-        self.root = path / "adapters" if (path / "adapters").is_dir() else path
-        if not self.root.is_dir():
-            raise MilpError(f"memory.resume_from={path}: no such directory")
+        self.root = adapters_root(path, "memory.resume_from")
         if not memory.enabled:
             raise MilpError("memory.resume_from needs memory (num_loras >= 1)")
         self.memory = memory

@@ -338,13 +338,18 @@ def save_memory(peft_model: PeftModel, directory: str | Path, info: dict | None 
     return directory
 
 
+def memory_names(directory: str | Path) -> list[str]:
+    """The names of a saved memory's modules (its peft adapters), from memory.json."""
+    index = Path(directory) / "memory.json"
+    if not index.is_file():
+        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
+    return json.loads(index.read_text())["adapters"]
+
+
 def load_memory(model: nn.Module, directory: str | Path, trainable: bool = False) -> PeftModel:
     """Load a saved user memory onto a base model, all its modules active."""
     directory = Path(directory)
-    index = directory / "memory.json"
-    if not index.is_file():
-        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
-    names = json.loads(index.read_text())["adapters"]
+    names = memory_names(directory)
     peft_model = PeftModel.from_pretrained(
         model, directory / names[0], adapter_name=names[0], is_trainable=trainable
     )

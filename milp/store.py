@@ -62,6 +62,16 @@ def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def adapters_root(path: str | Path, key: str) -> Path:
+    """The adapters/ directory of a run directory (or `path` itself if it holds the users'
+    memories directly); `key` names the setting in the error."""
+    path = Path(path)
+    root = path / "adapters" if (path / "adapters").is_dir() else path
+    if not root.is_dir():
+        raise MilpError(f"{key}={path}: no such directory")
+    return root
+
+
 def config_fingerprint(config: dict[str, Any]) -> str:
     """A short hash of the settings that decide a user's results."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
