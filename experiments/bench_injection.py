@@ -273,11 +273,11 @@ def run_peft(args, cfg, base, users, dm, out: Path) -> int:
     return 1
 
 
-def run_ceiling(args, cfg, base, users, dm, out: Path) -> int:
+def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
     """The frozen model's forward + input-gradient backward at the batched shape.
 
-    Times a few steps on the first mixed batch (users_per_batch users' first mini-batch)
-    and reports the whole workload's time at that speed (the `seconds` of the result).
+    Times a few steps on the first mixed batch (users_per_batch users' first mini-batch);
+    returns (users in that batch, seconds per training token).
     """
     import torch
 
@@ -375,11 +375,11 @@ def worker(args) -> None:
     users = load_users(args, cfg)
     dm = make_datamodule(cfg, users, base.tokenizer)
     run = {"peft": run_peft, "lightning": run_lightning, "batched": run_batched}.get(args.worker)
+    seconds = per_token = None
     with PeakMemory(args.device) as memory:
         started = time.perf_counter()
-        if run is None:  # the ceiling: the workload's tokens at the measured speed
+        if run is None:  # the ceiling: the driver scales its speed to the workload's tokens
             concurrent, per_token = run_ceiling(args, cfg, base, users, dm, args.out)
-            seconds = per_token * workload_tokens(cfg, base, users)
         else:
             concurrent = run(args, cfg, base, users, dm, args.out)
             if args.device.startswith("cuda"):
@@ -391,6 +391,7 @@ def worker(args) -> None:
             {
                 "path": args.worker,
                 "seconds": seconds,
+                "seconds_per_token": per_token,
                 "peak_bytes": memory.peak,
                 "baseline_bytes": memory.baseline,
                 "concurrent_users": min(concurrent, len(users)),
@@ -456,15 +457,6 @@ def workload(args):
         "lora_params_per_user": lora,
         "flops": tokens * flops_per_token,
     }
-
-
-def workload_tokens(cfg, base, users) -> int:
-    """Training tokens of the whole job: every history pair, every epoch."""
-    from hydra.utils import instantiate
-
-    fmt = instantiate(cfg.data.prompt_format)
-    pairs = sum(len(fmt.encode_pair(base.tokenizer, p)[0]) for u in users for p in u.history)
-    return cfg.trainer.max_epochs * pairs
 
 
 def compare_adapters(dirs: dict[str, Path], users) -> dict[str, list[float]]:
@@ -534,6 +526,8 @@ def main(argv=None) -> None:
         if done.returncode or not lines:
             raise SystemExit(f"{path} failed:\n{done.stderr[-3000:]}")
         results[path] = json.loads(lines[-1][len("RESULT ") :])
+        if results[path]["seconds"] is None:  # the ceiling: its speed over the whole workload
+            results[path]["seconds"] = results[path]["seconds_per_token"] * work["tokens"]
         print(f"  {path}: {results[path]['seconds']:.1f} s", flush=True)
     load_after = os.getloadavg()
 
