@@ -272,7 +272,8 @@ def claims(results: dict[str, list[dict]], out: Path) -> str:
     if users and "milp_sparse" in results:
         remedy, _ = bucket_means(results["milp_sparse"], "rougeL")[sparse_name]
         lines.append(
-            f"- *sparse-history remedy* (history repeated up to 16 examples per epoch): "
+            f"- *sparse-history remedy* (`+method=milp_sparse`: short histories repeated, "
+            f"`data.min_examples_per_epoch`): "
             f"ROUGE-L on those users {remedy:.4f} vs {memory_sparse:.4f} without it "
             f"({'helps' if remedy > memory_sparse else 'does not help'}); all users "
             f"{rl('milp_sparse'):.4f} vs {rl('milp'):.4f}."
