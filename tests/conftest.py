@@ -45,21 +45,36 @@ def milp_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("milp-cache")
 
 
-def run_milp(
-    args: list[str], cache: Path, check: bool = True, **kwargs
-) -> subprocess.CompletedProcess:
-    """Run `python -m milp.train` for real, offline, with the test cache."""
-    env = os.environ | {
+def milp_env(cache: Path) -> dict[str, str]:
+    """The environment of a real milp process in the tests: offline, the test cache."""
+    return os.environ | {
         "MILP_CACHE_DIR": str(cache),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def start_milp(args: list[str], cache: Path) -> subprocess.Popen:
+    """Start `python -m milp.train` in the background (for tests that interrupt it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "milp.train", *args],
+        cwd=ROOT,
+        env=milp_env(cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run_milp(
+    args: list[str], cache: Path, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run `python -m milp.train` for real, offline, with the test cache."""
     result = subprocess.run(
         [sys.executable, "-m", "milp.train", *args],
         cwd=ROOT,
-        env=env,
+        env=milp_env(cache),
         capture_output=True,
         text=True,
         **kwargs,

@@ -3,15 +3,12 @@ memory (memory.resume_from): real tiny models, real peft, real milp.train proces
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
+from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -333,14 +330,7 @@ def test_batched_run_and_incremental_update_that_crashes(milp_cache, tmp_path):
         "injection.users_per_batch=2",
         f"+memory.resume_from={old}",
     ]
-    env = os.environ | {"MILP_CACHE_DIR": str(milp_cache), "WANDB_MODE": "offline"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "milp.train", *update, f"hydra.run.dir={new}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_milp([*update, f"hydra.run.dir={new}"], milp_cache)
     deadline = time.time() + 120
     while not list(new.glob("adapters/*/memory.json")) and time.time() < deadline:
         time.sleep(0.05)

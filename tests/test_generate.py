@@ -2,21 +2,19 @@
 saved adapter store, as the run itself answered them; real processes, real peft."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
+from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp
 
 from milp.data.synthetic import load_synthetic_users
 
 
 def run_generate(args, cache):
-    env = os.environ | {"MILP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "milp.generate", *args],
         cwd=ROOT,
-        env=env,
+        env=milp_env(cache),
         capture_output=True,
         text=True,
     )

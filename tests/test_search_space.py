@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
+from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -51,6 +50,17 @@ TINY_BO = [
     "memory.window_start=range(0,4)",
     "memory.window_length=range(1,5)",
 ]
+
+# The dimensions sweeps/milp_bo.yaml searches.
+MILP_BO_DIMENSIONS = {
+    "memory.num_loras",
+    "memory.rank",
+    "memory.window_start",
+    "memory.window_length",
+    "memory.target_modules",
+    "optim.lr",
+    "trainer.max_epochs",
+}
 
 
 def compose_train(*overrides: str):
@@ -114,15 +124,7 @@ def test_milp_bo_space_is_the_paper_space_on_dev_users(default_llama):
 
     parametrization = OmegaConf.to_container(sweeper.parametrization)
     space = build_search_space(parametrization, [], OverridesParser.create())
-    assert set(space.params) == {
-        "memory.num_loras",
-        "memory.rank",
-        "memory.window_start",
-        "memory.window_length",
-        "memory.target_modules",
-        "optim.lr",
-        "trainer.max_epochs",
-    }
+    assert set(space.params) == MILP_BO_DIMENSIONS
     assert not space.fixed
     for spec in space.params.values():
         nevergrad_parameter(spec)  # every dimension is a valid nevergrad parameter
@@ -265,14 +267,7 @@ def test_tiny_bo_sweep_logs_trials_and_evaluates_the_best_on_test_users(milp_cac
     trials = read_trials(sweep)
     assert [t["trial"] for t in trials] == [0, 1]
     assert all(t["status"] == "ok" and 0 <= t["objective"] <= 1 for t in trials), trials
-    searched = {
-        "memory.num_loras",
-        "memory.rank",
-        "memory.window_start",
-        "memory.window_length",
-        "memory.target_modules",
-        "optim.lr",
-    }
+    searched = MILP_BO_DIMENSIONS - {"trainer.max_epochs"}
     for trial in trials:
         assert set(trial["params"]) == searched  # max_epochs: fixed on the command line
         assert 0 <= trial["params"]["memory.window_start"] <= 3
@@ -311,14 +306,7 @@ def test_killed_milp_sweep_resumes_with_the_remaining_trials_only(milp_cache, tm
         milp_cache,
         timeout=600,
     )  # builds the tiny model first
-    env = os.environ | {"MILP_CACHE_DIR": str(milp_cache), "WANDB_MODE": "offline"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "milp.train", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_milp(args, milp_cache)
     log_file = sweep / "trials.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log_file.exists() and log_file.read_text().strip()):

@@ -1,15 +1,12 @@
 """End-to-end runs of `python -m milp.train` on a tiny real config (model, data, W&B)."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
+from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
 
 from milp.memory import load_memory
 from milp.model import load_base_model
@@ -172,14 +169,7 @@ def test_interrupted_run_keeps_finished_users_and_resumes(milp_cache, tmp_path):
         [*FAST, "data.users.max_users=1", "logger=none", f"hydra.run.dir={tmp_path}/warm"],
         milp_cache,
     )  # builds the model first, so the timing below is about users
-    env = os.environ | {"MILP_CACHE_DIR": str(milp_cache), "WANDB_MODE": "offline"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "milp.train", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_milp(args, milp_cache)
     first = out / "users" / "test-u000.json"
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline:
