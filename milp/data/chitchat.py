@@ -21,8 +21,9 @@ import json
 import random
 from pathlib import Path
 
+from milp.data.lamp import load_lamp_split
 from milp.errors import MilpError
-from milp.store import publish_dir
+from milp.files import publish_dir
 
 CONVERTER_VERSION = 1
 INSTALL_HINT = "pip install chitchat-dataset==0.9.0"
@@ -139,7 +140,6 @@ def load_chitchat_users(
     max_users: int | None = None,
 ) -> list:
     """Users of one split of the converted corpus (converted on first use, then cached)."""
-    from milp.data.lamp import load_lamp_split
 
     settings = [
         CONVERTER_VERSION,

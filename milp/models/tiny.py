@@ -4,7 +4,7 @@ No weights can be downloaded here, and memory injection needs a *pretrained* mod
 personalize, so milp trains its own: a byte-level BPE tokenizer and a few-layer
 Llama-architecture causal LM, fitted on the generic (non-user) part of the embedded
 data set in a few CPU minutes, then saved in Hugging Face format (safetensors) under
-the cache directory and reused. Run it ahead of time with `python -m milp.pretrain`;
+the cache directory and reused. Run it ahead of time with `python -m milp.models.tiny`;
 `model=tiny` builds it on first use.
 """
 
@@ -25,8 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, pad_right
 from milp.data.synthetic import GENERATOR_VERSION, ensure_synthetic_lamp, load_generic_corpus
-from milp.model import BaseModel, load_base_model
-from milp.store import publish_dir
+from milp.files import publish_dir
+from milp.models.hf import BaseModel, load_base_model
 
 
 @dataclass(frozen=True)
@@ -174,9 +174,9 @@ def load_tiny_model(cache_dir: str, dtype: str = "float32", **spec: object) -> B
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """`python -m milp.pretrain`: build (or find) the tiny base model and print its path."""
-    if cfg.model._target_ != "milp.pretrain.load_tiny_model":
-        raise SystemExit("milp.pretrain builds the embedded tiny model; use model=tiny")
+    """`python -m milp.models.tiny`: build (or find) the tiny base model and print its path."""
+    if cfg.model._target_ != "milp.models.tiny.load_tiny_model":
+        raise SystemExit("milp.models.tiny builds the embedded tiny model; use model=tiny")
     spec = {k: v for k, v in cfg.model.items() if k not in {"_target_", "cache_dir", "dtype"}}
     print(ensure_tiny_model(cfg.model.cache_dir, TinyModelSpec(**spec)))
 
