@@ -8,7 +8,7 @@ optimizer, steps and seeds:
              (what one would write today without milp)
   lightning  milp's sequential path: a Lightning Trainer per user (milp.train's loop,
              without answering the queries)
-  batched    milp's batched path (milp.batched_train): users_per_batch users per
+  batched    milp's batched path (milp.inject.batched): users_per_batch users per
              forward/backward, continuous batching
   ceiling    not a training path: the frozen base model's forward + backward (input
              gradients through every layer, as memories on every layer need) on
@@ -281,7 +281,7 @@ def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
     """
     import torch
 
-    from milp.batched_train import pad_batch, per_slot_loss
+    from milp.inject.loss import pad_batch, per_slot_loss
 
     slots = min(args.users_per_batch, len(users))
     parts = [next(iter(dm.select(user).train_dataloader())) for user in users[:slots]]
@@ -322,34 +322,37 @@ def instantiate_memory(cfg):
 
 def run_lightning(args, cfg, base, users, dm, out: Path) -> int:
     """milp's sequential path: inject, a Lightning Trainer per user, save, remove."""
-    import lightning as L
     from hydra.utils import instantiate
 
-    from milp.data.users import user_seed
-    from milp.memory import inject_memory, remove_memory, save_memory
-    from milp.module import MemoryInjectionModule
+    from milp.adapters import adapter_config, peft_module_states, save_memory
+    from milp.inject import seed_user
+    from milp.inject.module import MemoryInjectionModule
+    from milp.memory import inject_memory, place_memory, remove_memory
 
     memory = instantiate_memory(cfg)
+    lora = adapter_config(memory, place_memory(memory, base.model), base.model)
     for user in users:
-        L.seed_everything(user_seed(cfg.seed, user.user_id), workers=True, verbose=False)
+        seed_user(cfg.seed, user.user_id)
         model = inject_memory(base.model, memory)
-        module = MemoryInjectionModule(model, base.tokenizer, **cfg.optim)
+        module = MemoryInjectionModule(model, **cfg.optim)
         trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
         trainer.fit(module, datamodule=dm.select(user))
-        save_memory(model, out / user.slug, {"user_id": user.user_id})
+        save_memory(out / user.slug, peft_module_states(model), lora, {"user_id": user.user_id})
         base.model = remove_memory(model)
     return 1
 
 
 def run_batched(args, cfg, base, users, dm, out: Path) -> int:
     """milp's batched path: users_per_batch users per forward/backward pass."""
-    from milp.batched import adapter_config, fresh_weights, memory_targets, write_memory
-    from milp.batched_train import BatchedInjector, TrainSettings
+    from milp.adapters import adapter_config, bank_module_states, save_memory
+    from milp.inject.bank import fresh_weights, memory_targets
+    from milp.inject.batched import SlotTrainer, TrainSettings
+    from milp.memory import place_memory
 
     memory = instantiate_memory(cfg)
     targets = memory_targets(base.model, memory)
-    lora = adapter_config(memory, base.model)
-    injector = BatchedInjector(
+    lora = adapter_config(memory, place_memory(memory, base.model), base.model)
+    loop = SlotTrainer(
         base.model,
         base.tokenizer.pad_token_id,
         memory,
@@ -359,8 +362,10 @@ def run_batched(args, cfg, base, users, dm, out: Path) -> int:
         **cfg.optim,
     )
     start = lambda user: fresh_weights(targets, memory)  # noqa: E731
-    for done in injector.run(users, dm, start, seed=cfg.seed):
-        write_memory(out / done.user.slug, targets, done.weights, memory, lora)
+    for done in loop.train(users, dm, start, seed=cfg.seed):
+        save_memory(
+            out / done.user.slug, bank_module_states(targets, done.weights, memory), lora, {}
+        )
     return args.users_per_batch
 
 
@@ -428,7 +433,7 @@ def workload(args):
         steps += epochs * math.ceil(len(user.history) / bs)
     model = base.model
     memory = instantiate(cfg.memory)
-    from milp.batched import memory_targets
+    from milp.inject.bank import memory_targets
 
     lora = sum(
         memory.num_loras * memory.rank * (t.in_features + t.out_features)

@@ -50,3 +50,26 @@ def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def replace_dir(directory: str | Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling, then swap it in for `directory`.
+
+    Readers see the previous copy (if any) or the complete new one, never a mix; a crash
+    while building leaves the previous copy exactly as it was.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        yield staging
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
+            os.rename(directory, old / "x")
+            os.rename(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -7,7 +7,7 @@ adapter with alpha `num_loras*alpha`), and their queries are answered together i
 mixed-adapter batches: peft's `adapter_names=[...]` gives every row its own user's
 adapter, in inference mode. Users without a stored memory are answered by the base
 model (`__base__`). `engine=routed` runs the same mixed batches through milp's own
-stacked memories (`milp.batched.MemoryBank`) instead of peft's per-adapter loop.
+stacked memories (`milp.inject.bank.MemoryBank`) instead of peft's per-adapter loop.
 
 Queries come from the run's own data (its `.hydra/config.yaml`: model, data, split,
 prompt format, decoding), or from `queries=file.jsonl` (`{"user_id", "prompt", "id"?}`
@@ -30,19 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-from milp.batched import MemoryBank, memory_targets, read_memory
+from milp.adapters import load_memory, merged_adapter, read_bank_weights, stored_memory_config
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
 from milp.errors import MilpError
 from milp.files import atomic_write_text
-from milp.memory import MemoryConfig, load_memory, memory_names, remove_memory
+from milp.inject.answer import generate_answers
+from milp.inject.bank import MemoryBank, memory_targets
+from milp.memory import remove_memory
 from milp.store import adapters_root
 
 log = logging.getLogger("milp")
@@ -58,38 +58,6 @@ class Request:
 
     user_id: str
     query: Query
-
-
-def merged_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """A user's stored memory as one peft adapter: its modules stacked along the rank."""
-    names = memory_names(directory)
-    configs = [LoraConfig.from_pretrained(str(directory / n)) for n in names]
-    states = [load_file(directory / n / "adapter_model.safetensors") for n in names]
-    first = configs[0]
-    for config in configs[1:]:
-        if (config.r, config.lora_alpha, set(config.target_modules)) != (
-            first.r,
-            first.lora_alpha,
-            set(first.target_modules),
-        ):
-            raise MilpError(f"{directory}: its memory modules differ in shape; cannot stack")
-    merged: dict[str, torch.Tensor] = {}
-    for key in states[0]:
-        dim = 0 if ".lora_A." in key else 1
-        merged[key] = torch.cat([s[key] for s in states], dim=dim)
-    k = len(names)
-    config = LoraConfig(
-        r=first.r * k,
-        lora_alpha=first.lora_alpha * k,  # same scale alpha/r as each module
-        lora_dropout=0.0,
-        target_modules=first.target_modules,
-        layers_to_transform=first.layers_to_transform,
-        layers_pattern=first.layers_pattern,
-        bias="none",
-        task_type="CAUSAL_LM",
-        inference_mode=True,
-    )
-    return config, merged
 
 
 class MixedServer:
@@ -121,22 +89,10 @@ class MixedServer:
             peft_model.requires_grad_(False)
         return peft_model
 
-    @torch.no_grad()
     def generate(self, model, requests: Sequence[Request], adapter_names=None) -> list[str]:
         batch = self.collate([(r.user_id, r.query) for r in requests])
-        device = next(self.model.parameters()).device
         kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
-        output = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **self.generation,
-            **kwargs,
-        )
-        continuations = output[:, batch["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return generate_answers(model, self.tokenizer, batch, self.generation, **kwargs)
 
     def answer_mixed(
         self, requests: Sequence[Request], users_per_batch: int, batch_size: int
@@ -195,7 +151,7 @@ class MixedServer:
                 slot_of: dict[str, int] = {}
                 for user_id in group:
                     if bank is not None and self.has_memory(user_id):
-                        weights = read_memory(self.root / user_slug(user_id), targets, memory)
+                        weights = read_bank_weights(self.root / user_slug(user_id), targets, memory)
                         bank.load_user(len(slot_of), weights)
                         slot_of[user_id] = len(slot_of)
                 timing["load_seconds"] += time.perf_counter() - started
@@ -238,20 +194,6 @@ class MixedServer:
             if model is not self.model:
                 self.model = remove_memory(model)
         return [answers[i] for i in range(len(requests))], timing
-
-
-def stored_memory_config(directory: Path) -> MemoryConfig:
-    """The shape of a stored memory (modules, rank, alpha, placement), from its files."""
-    names = memory_names(directory)
-    config = LoraConfig.from_pretrained(str(directory / names[0]))
-    layers = config.layers_to_transform
-    return MemoryConfig(
-        num_loras=len(names),
-        rank=config.r,
-        alpha=config.lora_alpha,
-        layers="all" if layers is None else list(layers),
-        target_modules=sorted(config.target_modules),
-    )
 
 
 def run_config(store: Path) -> DictConfig | None:

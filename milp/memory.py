@@ -28,15 +28,9 @@ among plain strings).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -90,6 +84,9 @@ class MemoryConfig:
     # A contiguous block of layers (replaces `layers` when set); see the module docstring.
     window_start: int | None = None
     window_length: int | None = None
+    # A run directory (or its adapters/ dir) whose users' memories this run continues
+    # from instead of fresh modules (incremental memory; see milp/inject/__init__.py).
+    resume_from: str | None = None
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig objects; plain lists keep the config serializable.
@@ -134,6 +131,9 @@ class MemoryConfig:
             raise MilpError("memory.layers: the list of layers is empty")
         if self.num_loras and not self.target_modules:
             raise MilpError("memory.target_modules: the list of modules is empty")
+        self.resume_from = str(self.resume_from) if self.resume_from not in (None, "") else None
+        if self.resume_from is not None and not self.num_loras:
+            raise MilpError("memory.resume_from needs memory (num_loras >= 1)")
 
     @property
     def window(self) -> tuple[int, int | None] | None:
@@ -301,71 +301,3 @@ def remove_memory(peft_model: PeftModel) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> int:
     """Number of parameters that receive gradients."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def save_memory(peft_model: PeftModel, directory: str | Path, info: dict | None = None) -> Path:
-    """Save a user's memory modules as peft adapters, replacing `directory` atomically.
-
-    Layout: `directory/memory_<i>/{adapter_config.json, adapter_model.safetensors}` plus
-    `directory/memory.json` naming the modules (and whatever `info` adds). A crash while
-    saving leaves the previous copy, if any, as it was.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    names = [n for n in peft_model.peft_config if n.startswith(MEMORY_PREFIX)]
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
-        for name in names:
-            # Each adapter in its own folder, loadable alone with PeftModel.from_pretrained.
-            peft_model.save_pretrained(
-                staging / "_peft", selected_adapters=[name], safe_serialization=True
-            )
-            saved = staging / "_peft" / name
-            (saved if saved.is_dir() else staging / "_peft").rename(staging / name)
-            shutil.rmtree(staging / "_peft", ignore_errors=True)
-        (staging / "memory.json").write_text(
-            json.dumps({"adapters": names} | (info or {}), indent=2)
-        )
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
-            os.rename(directory, old / "x")
-            os.rename(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
-
-
-def memory_names(directory: str | Path) -> list[str]:
-    """The names of a saved memory's modules (its peft adapters), from memory.json."""
-    index = Path(directory) / "memory.json"
-    if not index.is_file():
-        raise MilpError(f"{directory}: not a saved memory (no memory.json)")
-    return json.loads(index.read_text())["adapters"]
-
-
-def load_memory(model: nn.Module, directory: str | Path, trainable: bool = False) -> PeftModel:
-    """Load a saved user memory onto a base model, all its modules active."""
-    directory = Path(directory)
-    names = memory_names(directory)
-    peft_model = PeftModel.from_pretrained(
-        model, directory / names[0], adapter_name=names[0], is_trainable=trainable
-    )
-    for name in names[1:]:
-        peft_model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
-    activate_memories(peft_model, names)
-    if not trainable:
-        peft_model.requires_grad_(False)
-    return peft_model
-
-
-def memory_info(config: MemoryConfig, placement: MemoryPlacement) -> dict:
-    """What to record next to saved adapters about how they were made."""
-    return {"config": asdict(config), "layers": placement.layers, "modules": placement.modules}
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every trainable tensor (used by tests and incremental updates)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

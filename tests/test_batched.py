@@ -1,5 +1,6 @@
-"""Batched multi-user injection (milp/batched.py, milp/batched_train.py) and incremental
-memory (memory.resume_from): real tiny models, real peft, real milp.train processes."""
+"""Batched multi-user injection (milp/inject/bank.py, milp/inject/batched.py) and
+incremental memory (memory.resume_from): real tiny models, real peft, real milp.train
+processes."""
 
 import hashlib
 import json
@@ -12,17 +13,17 @@ from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from milp.batched import (
-    MemoryBank,
-    SlotAdamW,
+from milp.adapters import (
     adapter_config,
-    clip_grad_norm_per_slot,
-    fresh_weights,
-    memory_targets,
-    read_memory,
-    write_memory,
+    bank_module_states,
+    load_memory,
+    peft_module_states,
+    read_bank_weights,
+    save_memory,
 )
-from milp.memory import MemoryConfig, inject_memory, load_memory, remove_memory, save_memory
+from milp.inject.bank import MemoryBank, Target, fresh_weights, memory_targets
+from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot
+from milp.memory import MemoryConfig, inject_memory, place_memory, remove_memory
 
 MEMORY = MemoryConfig(num_loras=2, rank=4, alpha=8, layers=[1, 3], target_modules=["ffn", "q_proj"])
 
@@ -97,13 +98,17 @@ def test_exported_memory_is_plain_peft(llama, tmp_path):
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
-    save_memory(peft_model, tmp_path / "peft", {"user_id": "u"})
+    peft_model.save_pretrained(tmp_path / "peft")  # peft's own writer: the reference
     weights = bank_weights(peft_model, targets, MEMORY)
+    from_peft = peft_module_states(peft_model)
     llama = remove_memory(peft_model)
-    write_memory(
-        tmp_path / "ours", targets, weights, MEMORY, adapter_config(MEMORY, llama), {"user_id": "u"}
-    )
+    config = adapter_config(MEMORY, place_memory(MEMORY, llama), llama)
+    save_memory(tmp_path / "ours", bank_module_states(targets, weights, MEMORY), config, {})
+    save_memory(tmp_path / "ours_peft", from_peft, config, {})
     for name in MEMORY.adapter_names:
+        assert load_file(tmp_path / "ours_peft" / name / "adapter_model.safetensors").keys() == (
+            load_file(tmp_path / "ours" / name / "adapter_model.safetensors").keys()
+        )
         ours = load_file(tmp_path / "ours" / name / "adapter_model.safetensors")
         theirs = load_file(tmp_path / "peft" / name / "adapter_model.safetensors")
         assert ours.keys() == theirs.keys()
@@ -120,7 +125,7 @@ def test_exported_memory_is_plain_peft(llama, tmp_path):
         "memory_1",
     ]
     for back, reference in zip(
-        read_memory(tmp_path / "ours", targets, MEMORY), weights, strict=True
+        read_bank_weights(tmp_path / "ours", targets, MEMORY), weights, strict=True
     ):
         assert torch.equal(back[0], reference[0]) and torch.equal(back[1], reference[1])
 
@@ -141,8 +146,6 @@ def test_exported_memory_is_plain_peft(llama, tmp_path):
 def test_slot_optimizer_and_clipping_match_torch_per_user():
     """Per slot: torch AdamW (+ warmup) and clip_grad_norm_, with users stepping unevenly."""
     memory = MemoryConfig(num_loras=1, rank=2, alpha=4)
-    from milp.batched import Target
-
     targets = [Target("a", 5, 3), Target("b", 3, 4)]
     bank = MemoryBank(targets, 3, memory)
     torch.manual_seed(0)
@@ -204,43 +207,50 @@ def adapters(directory):
     }
 
 
+def inject_users(cfg, base, memory, dm, users, out, injection: str, users_per_batch: int = 1):
+    """Run one injector over `users` as milp.train does; returns the result records."""
+    from omegaconf import OmegaConf, open_dict
+
+    import milp.train as milp_train
+    from milp.store import RunStore
+
+    with open_dict(cfg):
+        cfg.injection = OmegaConf.load(ROOT / "conf" / "injection" / f"{injection}.yaml")
+        if injection == "batched":
+            cfg.injection.users_per_batch = users_per_batch
+    placement = place_memory(memory, base.model)
+    injector = milp_train.make_injector(cfg, base, memory, placement, dm)
+    store = RunStore(out, "x")
+    return {
+        t.user.user_id: milp_train.store_user(store, t, memory, placement, base)
+        for t in injector.run(users)
+    }
+
+
 def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
     milp_cache, monkeypatch, tmp_path
 ):
     """users_per_batch=1 and 3 against the Lightning/peft path: same seed, same weights."""
     from hydra.utils import instantiate
-    from omegaconf import open_dict
-
-    import milp.train as milp_train
-    from milp.batched_train import batched_results
-    from milp.store import RunStore
 
     cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=2")
-    memory = instantiate(milp_train.split_memory_node(cfg.memory)[0])
+    memory = instantiate(cfg.memory)
     dm, base = instantiate(cfg.data), instantiate(cfg.model)
     dm.attach_tokenizer(base.tokenizer)
     users = dm.users
-    sequential = [
-        milp_train.train_user(cfg, base, memory, dm, u, RunStore(tmp_path / "seq", "x"))
-        for u in users
-    ]
+    sequential = inject_users(cfg, base, memory, dm, users, tmp_path / "seq", "sequential")
     reference = adapters(tmp_path / "seq")
     assert len(reference) == 3 * 2 * 4 * 3 * 2  # users x memories x layers x ffn x (A, B)
     for users_per_batch in (1, 3):
-        with open_dict(cfg):
-            cfg.injection.users_per_batch = users_per_batch
         out = tmp_path / f"batched{users_per_batch}"
-        batched = {
-            r["user_id"]: r
-            for r in batched_results(cfg, base, memory, dm, users, RunStore(out, "x"))
-        }
+        batched = inject_users(cfg, base, memory, dm, users, out, "batched", users_per_batch)
         ours = adapters(out)
         assert ours.keys() == reference.keys()
         for key, value in reference.items():
             # Float32 rounding differs (summation order); Adam's normalized steps carry
             # it along, so the tolerance is a small fraction of one step (lr=1e-2).
             torch.testing.assert_close(ours[key], value, rtol=0, atol=2e-4)
-        for record in sequential:
+        for record in sequential.values():
             other = batched[record["user_id"]]
             assert other.keys() == record.keys()
             assert other["train_loss"] == pytest.approx(record["train_loss"], rel=1e-4)
@@ -257,29 +267,18 @@ def test_resume_from_continues_the_stored_memory(milp_cache, monkeypatch, tmp_pa
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    import milp.train as milp_train
-    from milp.batched_train import batched_results
-    from milp.incremental import StoredMemories
-    from milp.store import RunStore
-
     cfg = compose(milp_cache, monkeypatch, "data.users.max_users=2", "trainer.max_epochs=1")
-    memory = instantiate(milp_train.split_memory_node(cfg.memory)[0])
+    memory = instantiate(cfg.memory)
     dm, base = instantiate(cfg.data), instantiate(cfg.model)
     dm.attach_tokenizer(base.tokenizer)
-    first = RunStore(tmp_path / "first", "x")
-    for user in dm.users:
-        milp_train.train_user(cfg, base, memory, dm, user, first)
+    inject_users(cfg, base, memory, dm, dm.users, tmp_path / "first", "sequential")
     stored = adapters(tmp_path / "first")
     with open_dict(cfg):
         cfg.optim.lr = 0.0
-    find = StoredMemories(tmp_path / "first", memory, base.model).find
-    for user in dm.users:
-        milp_train.train_user(
-            cfg, base, memory, dm, user, RunStore(tmp_path / "seq", "x"), find(user)
-        )
-    with open_dict(cfg):
-        cfg.injection.users_per_batch = 2
-    list(batched_results(cfg, base, memory, dm, dm.users, RunStore(tmp_path / "b", "x"), find))
+        cfg.memory.resume_from = str(tmp_path / "first")
+    memory = instantiate(cfg.memory)
+    inject_users(cfg, base, memory, dm, dm.users, tmp_path / "seq", "sequential")
+    inject_users(cfg, base, memory, dm, dm.users, tmp_path / "b", "batched", 2)
     for run in ("seq", "b"):
         again = adapters(tmp_path / run)
         assert again.keys() == stored.keys()
@@ -328,7 +327,7 @@ def test_batched_run_and_incremental_update_that_crashes(milp_cache, tmp_path):
         *FAST,
         "injection=batched",
         "injection.users_per_batch=2",
-        f"+memory.resume_from={old}",
+        f"memory.resume_from={old}",
     ]
     process = start_milp([*update, f"hydra.run.dir={new}"], milp_cache)
     deadline = time.time() + 120
@@ -353,7 +352,7 @@ def test_an_update_cannot_overwrite_the_stored_run(milp_cache, tmp_path):
     run_milp([*FAST, "data.users.max_users=1", f"hydra.run.dir={old}"], milp_cache)
     before = tree_digest(old / "adapters")
     clash = run_milp(
-        [*FAST, "data.users.max_users=1", f"+memory.resume_from={old}", f"hydra.run.dir={old}"],
+        [*FAST, "data.users.max_users=1", f"memory.resume_from={old}", f"hydra.run.dir={old}"],
         milp_cache,
         check=False,
     )

@@ -4,16 +4,23 @@ import pytest
 import torch
 from peft import PeftModel
 
+from milp.adapters import load_memory, peft_module_states
+from milp.adapters import save_memory as save_states
 from milp.errors import MilpError
 from milp.memory import (
     MemoryConfig,
     inject_memory,
-    load_memory,
     place_memory,
     remove_memory,
-    save_memory,
     trainable_parameters,
 )
+
+
+def save_memory(peft_model, directory, info):
+    """Save a live peft memory the way milp.train does."""
+    config = next(iter(peft_model.peft_config.values()))
+    return save_states(directory, peft_module_states(peft_model), config, info)
+
 
 LORA_PARAM = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_[AB]\.(memory_\d+)\.weight$")
 

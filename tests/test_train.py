@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
 
-from milp.memory import load_memory
+from milp.adapters import load_memory
 from milp.models.hf import load_base_model
 
 FAST = [

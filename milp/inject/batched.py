@@ -1,6 +1,6 @@
-"""The batched injection loop: train many users' memories per forward/backward pass.
+"""The batched injector: many users' memories trained per forward/backward pass.
 
-`BatchedInjector` keeps `users_per_batch` slots of a `MemoryBank` busy (continuous
+`SlotTrainer` keeps `users_per_batch` slots of a `MemoryBank` busy (continuous
 batching): each step takes the next mini-batch of every user in a slot (exactly the
 mini-batches that user's own Lightning run would see: same DataLoader, same seed), runs
 them as one batch, and gives each user its own loss (mean over its own target tokens),
@@ -12,11 +12,9 @@ initial weights (peft's draws after the user's seed), same batches, same optimiz
 update, up to floating-point summation order. `users_per_batch` changes speed, not
 results.
 
-`batched_results` ties the loop into `python -m milp.train` (`injection.users_per_batch
-> 1`): finished users' memories are saved in the run store and their queries answered
-in mixed-user batches (each row routed to its user's memory, and once more with no
-memory for the baseline), giving per-user records identical in form to the sequential
-path's.
+`BatchedInjector` (`injection=batched`) answers each group of `users_per_batch` finished
+users' queries in mixed-user batches, every row routed to its own user's memory (and
+once more with no routing for the no-memory baseline).
 """
 
 from __future__ import annotations
@@ -26,39 +24,28 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from milp.batched import (
-    MemoryBank,
-    SlotAdamW,
-    Target,
-    UserWeights,
-    adapter_config,
-    clip_grad_norm_per_slot,
-    clip_grad_value_,
-    fresh_weights,
-    memory_targets,
-    read_memory,
-    write_memory,
-)
-from milp.data.datamodule import IGNORE_INDEX, UserDataModule
-from milp.data.users import User, user_seed
+from milp.adapters import bank_module_states, read_bank_weights
+from milp.data.datamodule import UserDataModule
+from milp.data.users import User
 from milp.errors import MilpError
-from milp.memory import MemoryConfig, memory_info, place_memory
-from milp.metrics import tokenize
-from milp.module import MemoryInjectionModule
+from milp.inject import Injector, TrainedUser, seed_user
+from milp.inject.answer import answer_queries
+from milp.inject.bank import MemoryBank, Target, UserWeights, fresh_weights, memory_targets
+from milp.inject.loss import pad_batch, per_slot_loss
+from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot, clip_grad_value_
+from milp.memory import MemoryConfig
 
 # Trainer settings the batched loop follows; anything else in `trainer` that changes
 # training is refused rather than silently ignored.
 SUPPORTED_PRECISION = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16}
-# Models whose logits are not simply lm_head(hidden): the loss then uses the full forward.
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass(frozen=True)
@@ -81,14 +68,12 @@ class TrainSettings:
         )
         for key, default in (("accumulate_grad_batches", 1), ("limit_train_batches", 1.0)):
             if cfg.get(key, default) != default:
-                raise MilpError(
-                    f"trainer.{key}={cfg[key]} is not supported with injection.users_per_batch > 1"
-                )
+                raise MilpError(f"trainer.{key}={cfg[key]} is not supported with injection=batched")
         precision = str(cfg.get("precision", "32-true"))
         if precision not in SUPPORTED_PRECISION:
             raise MilpError(
-                f"trainer.precision={precision} is not supported with injection.users_per_batch"
-                f" > 1; use one of {', '.join(SUPPORTED_PRECISION)}"
+                f"trainer.precision={precision} is not supported with injection=batched;"
+                f" use one of {', '.join(SUPPORTED_PRECISION)}"
             )
         algorithm = str(cfg.get("gradient_clip_algorithm") or "norm")
         if algorithm not in ("norm", "value"):
@@ -133,7 +118,6 @@ class FinishedUser:
     steps: int
     tokens: int
     train_seconds: float
-    extra_seconds: float = 0.0  # saving, measured by the caller
 
 
 @dataclass
@@ -177,54 +161,7 @@ def planned_steps(user: User, batch_size: int, settings: TrainSettings) -> int:
     return int(min(steps, settings.max_steps if settings.max_steps > 0 else math.inf))
 
 
-def pad_batch(parts: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Concatenate right-padded mini-batches, padding them to a common width."""
-    width = max(p["input_ids"].shape[1] for p in parts)
-
-    def cat(key: str, value: int) -> torch.Tensor:
-        return torch.cat(
-            [nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value) for p in parts]
-        )
-
-    return {
-        "input_ids": cat("input_ids", pad_id),
-        "attention_mask": cat("attention_mask", 0),
-        "labels": cat("labels", IGNORE_INDEX),
-    }
-
-
-def per_slot_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], row_slots: torch.Tensor, slots: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each slot's causal-LM loss: mean cross-entropy over its own target tokens.
-
-    Same value as the model's own loss on that slot's rows; logits are computed only at
-    target positions (prompts are masked anyway), which saves the vocabulary projection
-    on prompt tokens. Returns (loss per slot, target tokens per slot).
-    """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    head = model.get_output_embeddings()
-    fast = head is not None and not any(
-        getattr(model.config, k, None) for k in LOGIT_POSTPROCESSING
-    )
-    if fast:
-        hidden = model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-    else:
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits[:, :-1][keep]
-    losses = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
-    token_slots = row_slots[:, None].expand_as(targets)[keep]
-    sums = torch.zeros(slots, device=losses.device).index_add(0, token_slots, losses)
-    counts = torch.bincount(token_slots, minlength=slots)
-    return sums / counts.clamp(min=1), counts
-
-
-class BatchedInjector:
+class SlotTrainer:
     """Trains the memories of many users through one `MemoryBank` of `slots` users."""
 
     def __init__(
@@ -254,7 +191,7 @@ class BatchedInjector:
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         )
 
-    def run(
+    def train(
         self,
         users: Sequence[User],
         datamodule: UserDataModule,
@@ -307,7 +244,7 @@ class BatchedInjector:
 
     def _enter(self, user, slot, datamodule, start, seed) -> _Slot:
         started = time.perf_counter()
-        L.seed_everything(user_seed(seed, user.user_id), workers=True, verbose=False)
+        seed_user(seed, user.user_id)
         self.bank.load_user(slot, start(user))
         self.optimizer.reset_slot(slot)
         # Created right after the seed, as in the user's own Trainer.fit: same shuffling.
@@ -350,138 +287,92 @@ class BatchedInjector:
         return losses.detach().cpu(), tokens
 
 
-class _RoutedAnswers(MemoryInjectionModule):
-    """MemoryInjectionModule whose rows use the memory of their own user (bank slots)."""
+class BatchedInjector(Injector):
+    """Trains `users_per_batch` users per pass, then answers them in mixed batches."""
 
-    def __init__(self, model, tokenizer, bank: MemoryBank, slot_of: dict[str, int], **kwargs):
-        compare = kwargs.pop("compare_without_memory", False)
-        super().__init__(model, tokenizer, **kwargs)
-        self.compare_without_memory = compare
-        object.__setattr__(self, "_bank", bank)
-        self.slot_of = slot_of
+    def __init__(self, *args: Any, users_per_batch: int = 16, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if int(users_per_batch) < 1:
+            raise MilpError(f"injection.users_per_batch must be >= 1, got {users_per_batch}")
+        self.slots = int(users_per_batch)
+        self.settings = TrainSettings.from_trainer_config(self.trainer)
+        if self.memory.enabled:
+            self.targets = memory_targets(self.base.model, self.memory)
+            self.loop = SlotTrainer(
+                self.base.model,
+                self.base.tokenizer.pad_token_id,
+                self.memory,
+                self.slots,
+                self.settings,
+                targets=self.targets,
+                **self.optim,
+            )
+            self.answer_bank = MemoryBank(
+                self.targets, self.slots, self.memory, device=self.loop.device
+            )
 
-    def generate(self, batch: dict, use_memory: bool = True) -> list[str]:
-        slots = [self.slot_of[u] for u in batch["user_ids"]] if use_memory else None
-        with self._bank.routing(slots):
-            return super().generate(batch, use_memory=True)
+    def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
+        if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
+            for first in range(0, len(users), self.slots):
+                yield from self._answer([(u, None) for u in users[first : first + self.slots]])
+            return
 
+        def start(user: User) -> UserWeights:
+            stored = self.stored_memory(user)
+            if stored is None:
+                return fresh_weights(self.targets, self.memory)
+            return read_bank_weights(stored, self.targets, self.memory)
 
-def answer_users(
-    model: nn.Module,
-    tokenizer: Any,
-    bank: MemoryBank,
-    finished: Sequence[FinishedUser],
-    datamodule: UserDataModule,
-    generation: dict,
-    compare_without_memory: bool,
-) -> _RoutedAnswers:
-    """Answer the queries of finished users in mixed batches; returns the module holding
-    predictions and per-user metrics (as `trainer.test` leaves them)."""
-    slot_of = {}
-    for slot, done in enumerate(finished):
-        bank.load_user(slot, done.weights)
-        slot_of[done.user.user_id] = slot
-    module = _RoutedAnswers(
-        model,
-        tokenizer,
-        bank,
-        slot_of,
-        generation=generation,
-        compare_without_memory=compare_without_memory,
-        history_tokens={
-            d.user.user_id: {t for text in d.user.profile_texts for t in tokenize(text)}
-            for d in finished
-        },
-    )
-    device = bank.lora_A[0].device
-    modes = {m: m.training for m in model.modules()}
-    bank.attach(model)
-    model.eval()  # as Lightning's test loop does (restored below)
-    try:
-        module.on_test_start()
-        loader = datamodule.select([d.user for d in finished]).test_dataloader()
-        for i, batch in enumerate(loader):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            module.test_step(batch, i)
-    finally:
-        bank.detach(model)
-        for m, mode in modes.items():
-            m.training = mode
-    return module
+        group: list[tuple[User, FinishedUser]] = []
+        for done in self.loop.train(users, self.datamodule, start, seed=self.seed):
+            group.append((done.user, done))
+            if len(group) == self.slots:
+                yield from self._answer(group)
+                group = []
+        if group:
+            yield from self._answer(group)
 
-
-def batched_results(
-    cfg: DictConfig,
-    base: Any,
-    memory: MemoryConfig,
-    datamodule: UserDataModule,
-    users: Sequence[User],
-    store: Any,
-    resume_dir: Callable[[User], Any] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """`milp.train`'s batched path: yields per-user result records as users finish.
-
-    Records have the keys of `milp.train.train_user`'s; `train_seconds` and `seconds`
-    are the user's share of the batched steps (by tokens) and of its answering batch.
-    """
-    slots = int(cfg.injection.users_per_batch)
-    settings = TrainSettings.from_trainer_config(cfg.trainer)
-    model = base.model
-    placement = place_memory(memory, model)
-    lora = adapter_config(memory, model)
-    targets = memory_targets(model, memory)
-    injector = BatchedInjector(
-        model,
-        base.tokenizer.pad_token_id,
-        memory,
-        slots,
-        settings,
-        targets=targets,
-        **OmegaConf.to_container(cfg.optim, resolve=True),
-    )
-    answer_bank = MemoryBank(targets, slots, memory, device=injector.device)
-    generation = OmegaConf.to_container(cfg.generation, resolve=True)
-
-    def start(user: User) -> UserWeights:
-        stored = resume_dir(user) if resume_dir is not None else None
-        return read_memory(stored, targets, memory) if stored else fresh_weights(targets, memory)
-
-    def finish(group: list[FinishedUser]) -> Iterator[dict[str, Any]]:
+    def _answer(self, group: list[tuple[User, FinishedUser | None]]) -> Iterator[TrainedUser]:
+        """Answer a group of users (each row routed to its user's slot); the answering time
+        is shared equally among them."""
         started = time.perf_counter()
-        module = answer_users(
-            model,
-            base.tokenizer,
-            answer_bank,
-            group,
-            datamodule,
-            generation,
-            bool(cfg.compare_without_memory),
-        )
+        model, bank = self.base.model, None
+        slot_of = {}
+        if self.memory.enabled:
+            bank = self.answer_bank
+            for slot, (user, done) in enumerate(group):
+                bank.load_user(slot, done.weights)
+                slot_of[user.user_id] = slot
+            bank.attach(model)
+
+        def switch(user_ids: list[str], use_memory: bool):
+            if bank is None:
+                return nullcontext()
+            return bank.routing([slot_of[u] for u in user_ids] if use_memory else None)
+
+        try:
+            answers = answer_queries(
+                model,
+                self.base.tokenizer,
+                self.datamodule,
+                [user for user, _ in group],
+                switch,
+                self.generation,
+                self.compare_without_memory,
+            )
+        finally:
+            if bank is not None:
+                bank.detach(model)
         share = (time.perf_counter() - started) / len(group)
-        for done in group:
-            uid = done.user.user_id
-            yield {
-                "user_id": uid,
-                "history_size": len(done.user.history),
-                "queries": len(done.user.queries),
-                "trainable_parameters": injector.bank.parameters_per_user(),
-                "train_loss": done.train_loss,
-                "train_seconds": round(done.train_seconds, 3),
-                "seconds": round(done.train_seconds + done.extra_seconds + share, 3),
-                "memory": module.user_metrics(uid, "memory"),
-                "no_memory": module.user_metrics(uid, "no_memory"),
-                "predictions": [p for p in module.predictions if p["user_id"] == uid],
-            }
-
-    group: list[FinishedUser] = []
-    for done in injector.run(users, datamodule, start, seed=int(cfg.seed)):
-        started = time.perf_counter()
-        info = memory_info(memory, placement) | {"user_id": done.user.user_id}
-        write_memory(store.adapter_dir(done.user), targets, done.weights, memory, lora, info)
-        done.extra_seconds = time.perf_counter() - started
-        group.append(done)
-        if len(group) == slots:
-            yield from finish(group)
-            group = []
-    if group:
-        yield from finish(group)
+        for user, done in group:
+            yield TrainedUser(
+                user=user,
+                answers=answers,
+                memory=None
+                if done is None
+                else bank_module_states(self.targets, done.weights, self.memory),
+                trainable_parameters=self.loop.bank.parameters_per_user() if done else 0,
+                train_loss=done.train_loss if done else None,
+                train_seconds=done.train_seconds if done else 0.0,
+                seconds=(done.train_seconds if done else 0.0) + share,
+            )

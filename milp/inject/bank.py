@@ -15,45 +15,31 @@ and `RoutedLinear` (put in place of each target `nn.Linear`) adds, for every exa
 The `num_loras` modules of a user share the scale `alpha / rank`, so stacking them along
 the rank dimension is exactly their sum, as peft computes it with all memories active.
 Gradients reach only the slot a row is routed to, so users never touch each other's
-weights. The optimizer (`SlotAdamW`) and gradient clipping (`clip_grad_norm_per_slot`)
-keep per-slot state and step counts, so each user follows the trajectory it would follow
-alone (global-norm clipping over all users would couple them).
+weights. The optimizer and gradient clipping (milp/inject/slot_optim.py) keep per-slot state and
+step counts, so each user follows the trajectory it would follow alone.
 
-Weights go in and out in peft's own layout (`peft_state_dicts`, `read_memory`,
-`write_memory`): a user's memory written here is read by `milp.memory.load_memory` and
-`PeftModel.from_pretrained` like one trained by the peft path.
+A user's weights go in and out as `UserWeights` (per target: A, B in bank layout);
+`milp.adapters` turns them into plain peft adapters and back.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from milp.errors import MilpError
 from milp.memory import (
     MemoryConfig,
     inject_memory,
-    lora_config,
-    memory_names,
-    place_memory,
     remove_memory,
 )
-
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -114,110 +100,6 @@ def _kaiming_bounds(fan_in: int) -> tuple[float, float]:
     # nn.init.kaiming_uniform_(w, a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain*sqrt(3/fan_in).
     bound = math.sqrt(2.0 / 6.0) * math.sqrt(3.0 / fan_in)
     return -bound, bound
-
-
-def peft_state_dicts(
-    targets: Sequence[Target], weights: UserWeights, memory: MemoryConfig
-) -> dict[str, dict[str, torch.Tensor]]:
-    """A user's memory as peft adapter state dicts (`memory_<i>` -> saved keys)."""
-    r = memory.rank
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for k, name in enumerate(memory.adapter_names):
-        state = {}
-        for target, (a, b) in zip(targets, weights, strict=True):
-            key = PEFT_PREFIX + target.path
-            state[f"{key}.lora_A.weight"] = a[k * r : (k + 1) * r].contiguous()
-            state[f"{key}.lora_B.weight"] = b[:, k * r : (k + 1) * r].contiguous()
-        out[name] = state
-    return out
-
-
-def read_memory(
-    directory: str | Path, targets: Sequence[Target], memory: MemoryConfig
-) -> UserWeights:
-    """Read a saved user memory (peft adapters + memory.json) into bank layout.
-
-    The saved memory must have the shape of `memory` (number of modules, rank, alpha,
-    target modules); anything else is a one-line error naming what differs.
-    """
-    directory = Path(directory)
-    names = memory_names(directory)
-    if len(names) != memory.num_loras:
-        raise MilpError(
-            f"{directory}: holds {len(names)} memory module(s), memory.num_loras is "
-            f"{memory.num_loras}"
-        )
-    r = memory.rank
-    a_parts: list[list[torch.Tensor]] = [[] for _ in targets]
-    b_parts: list[list[torch.Tensor]] = [[] for _ in targets]
-    for name in names:
-        config = json.loads((directory / name / "adapter_config.json").read_text())
-        if config.get("r") != r or float(config.get("lora_alpha")) != float(memory.alpha):
-            raise MilpError(
-                f"{directory / name}: rank {config.get('r')} / alpha {config.get('lora_alpha')}"
-                f" differ from memory.rank={r} / memory.alpha={memory.alpha}"
-            )
-        state = load_file(directory / name / "adapter_model.safetensors")
-        expected = {f"{PEFT_PREFIX}{t.path}.lora_{m}.weight" for t in targets for m in "AB"}
-        if set(state) != expected:
-            missing = sorted(expected - set(state))
-            extra = sorted(set(state) - expected)
-            raise MilpError(
-                f"{directory / name}: placed on other modules than this memory config "
-                f"(missing {missing[:1]}, unexpected {extra[:1]})"
-            )
-        for i, target in enumerate(targets):
-            key = PEFT_PREFIX + target.path
-            a_parts[i].append(state[f"{key}.lora_A.weight"].float())
-            b_parts[i].append(state[f"{key}.lora_B.weight"].float())
-    return [(torch.cat(a, 0), torch.cat(b, 1)) for a, b in zip(a_parts, b_parts, strict=True)]
-
-
-def adapter_config(memory: MemoryConfig, model: nn.Module) -> LoraConfig:
-    """The peft config saved with each memory module, as `PeftModel.save_pretrained` writes
-    it (call on the plain model, before a bank is attached)."""
-    config = lora_config(memory, place_memory(memory, model))
-    config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
-    config.inference_mode = True
-    return config
-
-
-def write_memory(
-    directory: str | Path,
-    targets: Sequence[Target],
-    weights: UserWeights,
-    memory: MemoryConfig,
-    config: LoraConfig,
-    info: dict | None = None,
-) -> Path:
-    """Save a user's memory in the layout of `milp.memory.save_memory`, atomically.
-
-    `directory/memory_<i>/{adapter_config.json, adapter_model.safetensors}` (plain peft
-    adapters, `config` from `adapter_config`) and `directory/memory.json`; a crash leaves
-    any previous copy untouched.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
-        for name, state in peft_state_dicts(targets, weights, memory).items():
-            (staging / name).mkdir()
-            config.save_pretrained(str(staging / name))
-            save_file(state, str(staging / name / "adapter_model.safetensors"), {"format": "pt"})
-        names = memory.adapter_names
-        (staging / "memory.json").write_text(
-            json.dumps({"adapters": names} | (info or {}), indent=2)
-        )
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
-            os.rename(directory, old / "x")
-            os.rename(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 Segment = tuple[int, int, int]  # (slot, first row, end row): rows routed to one slot
@@ -471,101 +353,3 @@ class RoutedLinear(nn.Module):
             x = nn.functional.dropout(x, bank.memory.dropout)
         a, b = bank.lora_A[self.position], bank.lora_B[self.position]
         return _RoutedLoRA.apply(out, x, a, b, segments, bank.scaling)
-
-
-def clip_grad_norm_per_slot(bank: MemoryBank, max_norm: float) -> torch.Tensor:
-    """Clip each slot's gradient to `max_norm` (L2 over all its tensors), as
-    `torch.nn.utils.clip_grad_norm_` clips one user's parameters; returns the norms."""
-    norms = []
-    for param in [*bank.lora_A, *bank.lora_B]:
-        if param.grad is not None:
-            norms.append(torch.linalg.vector_norm(param.grad.flatten(1), dim=1))
-    total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for param in [*bank.lora_A, *bank.lora_B]:
-        if param.grad is not None:
-            param.grad.mul_(coef.view(-1, *([1] * (param.grad.dim() - 1))))
-    return total
-
-
-def clip_grad_value_(bank: MemoryBank, clip_value: float) -> None:
-    """Element-wise clipping (separable per user as it is)."""
-    for param in [*bank.lora_A, *bank.lora_B]:
-        if param.grad is not None:
-            param.grad.clamp_(-clip_value, clip_value)
-
-
-class SlotAdamW:
-    """AdamW with separate state and step count per slot; steps only the active slots.
-
-    Per slot, the update is that of `torch.optim.AdamW` (decoupled weight decay, bias
-    correction by the slot's own step count), with an optional linear warmup of the
-    learning rate over each slot's first `warmup_steps` steps.
-    """
-
-    def __init__(
-        self,
-        bank: MemoryBank,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-    ) -> None:
-        self.bank = bank
-        self.params = [*bank.lora_A, *bank.lora_B]
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.warmup_steps = warmup_steps
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = torch.zeros(bank.slots, dtype=torch.float64)
-
-    def reset_slot(self, slot: int) -> None:
-        """Fresh optimizer state for a slot (a new user moved in)."""
-        for m, v in zip(self.exp_avg, self.exp_avg_sq, strict=True):
-            m[slot].zero_()
-            v[slot].zero_()
-        self.steps[slot] = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, active: Sequence[int]) -> None:
-        """One AdamW step for the users in the `active` slots."""
-        if not len(active):
-            return
-        beta1, beta2 = self.betas
-        idx_cpu = torch.as_tensor(list(active), dtype=torch.long)
-        self.steps[idx_cpu] += 1
-        step = self.steps[idx_cpu]
-        lr = self.lr * torch.ones_like(step)
-        if self.warmup_steps:
-            lr = lr * torch.clamp(step / self.warmup_steps, max=1.0)
-        device = self.params[0].device
-        step_size = (lr / (1 - beta1**step)).to(device=device, dtype=torch.float32)
-        bias2_sqrt = torch.sqrt(1 - beta2**step).to(device=device, dtype=torch.float32)
-        decay = (1 - lr * self.weight_decay).to(device=device, dtype=torch.float32)
-        idx = idx_cpu.to(device)
-        everyone = len(active) == self.bank.slots and bool(
-            (idx == torch.arange(len(idx), device=device)).all()
-        )
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            if p.grad is None:
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            if everyone:
-                w, g, mm, vv = p.data, p.grad, m, v
-            else:
-                w, g, mm, vv = p.data[idx], p.grad[idx], m[idx], v[idx]
-            if self.weight_decay:
-                w.mul_(decay.view(shape))
-            mm.lerp_(g, 1 - beta1)
-            vv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (vv.sqrt() / bias2_sqrt.view(shape)).add_(self.eps)
-            w.addcdiv_(mm * step_size.view(shape), denom, value=-1.0)
-            if not everyone:
-                p.data[idx] = w
-                m[idx] = mm
-                v[idx] = vv

@@ -1,0 +1,248 @@
+"""The saved-memory format: the one place that writes, reads, checks and merges memories.
+
+A user's memory is a directory of plain peft adapters plus an index:
+
+    <user>/memory.json                           {"adapters": ["memory_0", ...], "config":
+                                                  the MemoryConfig, "layers", "modules", ...}
+    <user>/memory_<i>/adapter_config.json        a peft LoraConfig
+    <user>/memory_<i>/adapter_model.safetensors  base_model.model.<path>.lora_{A,B}.weight
+
+Each `memory_<i>` loads alone with `PeftModel.from_pretrained`; `load_memory` loads them
+all, active together. Both injectors hand their trained weights over as `ModuleStates`
+(adapter name -> peft state dict): the per-user path takes them from its peft model
+(`peft_module_states`), the batched path from its bank (`bank_module_states`), and
+`save_memory` writes either the same way. Weights are only ever read with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from milp.data.users import User
+from milp.errors import MilpError
+from milp.files import replace_dir
+from milp.memory import MEMORY_PREFIX, MemoryConfig, MemoryPlacement, activate_memories, lora_config
+
+if TYPE_CHECKING:  # the bank layout (milp/inject/bank.py), which imports nothing from here
+    from milp.inject.bank import Target, UserWeights
+
+MEMORY_INDEX = "memory.json"
+PEFT_PREFIX = "base_model.model."
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+# A user's memory in transit: adapter name -> its peft state dict.
+ModuleStates = dict[str, dict[str, torch.Tensor]]
+
+
+def memory_info(config: MemoryConfig, placement: MemoryPlacement) -> dict:
+    """What memory.json records about how a memory was made."""
+    return {"config": asdict(config), "layers": placement.layers, "modules": placement.modules}
+
+
+def adapter_config(
+    memory: MemoryConfig, placement: MemoryPlacement, model: nn.Module
+) -> LoraConfig:
+    """The peft config saved with each memory module, as `PeftModel.save_pretrained`
+    writes it (`model`: the plain base model)."""
+    config = lora_config(memory, placement)
+    config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
+    config.inference_mode = True
+    return config
+
+
+def save_memory(
+    directory: str | Path, states: ModuleStates, config: LoraConfig, info: dict
+) -> Path:
+    """Write a user's memory, replacing `directory` atomically (a crash while saving
+    leaves the previous copy, if any, as it was)."""
+    with replace_dir(directory) as staging:
+        for name, state in states.items():
+            (staging / name).mkdir()
+            config.save_pretrained(str(staging / name))
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            save_file(tensors, str(staging / name / WEIGHTS_FILE), {"format": "pt"})
+        index = {"adapters": list(states)} | info
+        (staging / MEMORY_INDEX).write_text(json.dumps(index, indent=2))
+    return Path(directory)
+
+
+def peft_module_states(peft_model: PeftModel) -> ModuleStates:
+    """The memory modules of a live peft model, as they are saved (copies)."""
+    names = [n for n in peft_model.peft_config if n.startswith(MEMORY_PREFIX)]
+    return {
+        name: {
+            k: v.detach().clone()
+            for k, v in get_peft_model_state_dict(peft_model, adapter_name=name).items()
+        }
+        for name in names
+    }
+
+
+def bank_module_states(
+    targets: list[Target], weights: UserWeights, memory: MemoryConfig
+) -> ModuleStates:
+    """A user's memory in bank layout (modules stacked along the rank), split back into
+    its peft modules."""
+    r = memory.rank
+    states: ModuleStates = {}
+    for k, name in enumerate(memory.adapter_names):
+        state = {}
+        for target, (a, b) in zip(targets, weights, strict=True):
+            key = PEFT_PREFIX + target.path
+            state[f"{key}.lora_A.weight"] = a[k * r : (k + 1) * r].contiguous()
+            state[f"{key}.lora_B.weight"] = b[:, k * r : (k + 1) * r].contiguous()
+        states[name] = state
+    return states
+
+
+def memory_names(directory: str | Path) -> list[str]:
+    """The names of a saved memory's modules, from its index."""
+    index = Path(directory) / MEMORY_INDEX
+    if not index.is_file():
+        raise MilpError(f"{directory}: not a saved memory (no {MEMORY_INDEX})")
+    return json.loads(index.read_text())["adapters"]
+
+
+def load_memory(model: nn.Module, directory: str | Path, trainable: bool = False) -> PeftModel:
+    """Load a saved user memory onto a base model, all its modules active."""
+    directory = Path(directory)
+    names = memory_names(directory)
+    peft_model = PeftModel.from_pretrained(
+        model, directory / names[0], adapter_name=names[0], is_trainable=trainable
+    )
+    for name in names[1:]:
+        peft_model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
+    activate_memories(peft_model, names)
+    if not trainable:
+        peft_model.requires_grad_(False)
+    return peft_model
+
+
+def read_bank_weights(
+    directory: str | Path, targets: list[Target], memory: MemoryConfig
+) -> UserWeights:
+    """Read a saved memory into bank layout; it must have the shape of `memory`."""
+    directory = Path(directory)
+    names = memory_names(directory)
+    if len(names) != memory.num_loras:
+        raise MilpError(
+            f"{directory}: holds {len(names)} memory module(s), memory.num_loras is "
+            f"{memory.num_loras}"
+        )
+    r = memory.rank
+    a_parts: list[list[torch.Tensor]] = [[] for _ in targets]
+    b_parts: list[list[torch.Tensor]] = [[] for _ in targets]
+    for name in names:
+        config = json.loads((directory / name / CONFIG_FILE).read_text())
+        if config.get("r") != r or float(config.get("lora_alpha")) != float(memory.alpha):
+            raise MilpError(
+                f"{directory / name}: rank {config.get('r')} / alpha {config.get('lora_alpha')}"
+                f" differ from memory.rank={r} / memory.alpha={memory.alpha}"
+            )
+        state = load_file(directory / name / WEIGHTS_FILE)
+        expected = {f"{PEFT_PREFIX}{t.path}.lora_{m}.weight" for t in targets for m in "AB"}
+        if set(state) != expected:
+            missing = sorted(expected - set(state))
+            extra = sorted(set(state) - expected)
+            raise MilpError(
+                f"{directory / name}: placed on other modules than this memory config "
+                f"(missing {missing[:1]}, unexpected {extra[:1]})"
+            )
+        for i, target in enumerate(targets):
+            key = PEFT_PREFIX + target.path
+            a_parts[i].append(state[f"{key}.lora_A.weight"].float())
+            b_parts[i].append(state[f"{key}.lora_B.weight"].float())
+    return [(torch.cat(a, 0), torch.cat(b, 1)) for a, b in zip(a_parts, b_parts, strict=True)]
+
+
+def find_memory(
+    root: Path, user: User, memory: MemoryConfig, placement: MemoryPlacement
+) -> Path | None:
+    """A user's stored memory under `root` (None if it has none), checked to have the
+    shape of `memory` on `placement`: a memory can only continue with the same shape."""
+    directory = root / user.slug
+    index = directory / MEMORY_INDEX
+    if not index.is_file():
+        return None
+    stored = json.loads(index.read_text())
+    config = stored.get("config", {})
+    wanted = {
+        "num_loras": memory.num_loras,
+        "rank": memory.rank,
+        "alpha": float(memory.alpha),
+        "layers": placement.layers,
+        "modules": sorted(placement.modules),
+    }
+    found = {
+        "num_loras": len(stored.get("adapters", [])),
+        "rank": config.get("rank"),
+        "alpha": float(config["alpha"]) if "alpha" in config else None,
+        "layers": stored.get("layers"),
+        "modules": sorted(stored["modules"]) if "modules" in stored else None,
+    }
+    for key, value in wanted.items():
+        if found[key] is not None and found[key] != value:
+            raise MilpError(
+                f"memory.resume_from: {directory} has {key}={found[key]}, this run has "
+                f"{key}={value}; a memory can only continue with the same shape"
+            )
+    return directory
+
+
+def stored_memory_config(directory: str | Path) -> MemoryConfig:
+    """The shape of a stored memory (modules, rank, alpha, placement), from its files."""
+    directory = Path(directory)
+    names = memory_names(directory)
+    config = LoraConfig.from_pretrained(str(directory / names[0]))
+    layers = config.layers_to_transform
+    return MemoryConfig(
+        num_loras=len(names),
+        rank=config.r,
+        alpha=config.lora_alpha,
+        layers="all" if layers is None else list(layers),
+        target_modules=sorted(config.target_modules),
+    )
+
+
+def merged_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A user's stored memory as one peft adapter for serving: its `num_loras` modules of
+    rank r share the scale alpha/r, so stacked along the rank they are exactly one
+    adapter of rank `num_loras*r` and alpha `num_loras*alpha`."""
+    directory = Path(directory)
+    names = memory_names(directory)
+    configs = [LoraConfig.from_pretrained(str(directory / n)) for n in names]
+    states = [load_file(directory / n / WEIGHTS_FILE) for n in names]
+    first = configs[0]
+    for config in configs[1:]:
+        if (config.r, config.lora_alpha, set(config.target_modules)) != (
+            first.r,
+            first.lora_alpha,
+            set(first.target_modules),
+        ):
+            raise MilpError(f"{directory}: its memory modules differ in shape; cannot stack")
+    merged = {
+        key: torch.cat([s[key] for s in states], dim=0 if ".lora_A." in key else 1)
+        for key in states[0]
+    }
+    k = len(names)
+    config = LoraConfig(
+        r=first.r * k,
+        lora_alpha=first.lora_alpha * k,
+        lora_dropout=0.0,
+        target_modules=first.target_modules,
+        layers_to_transform=first.layers_to_transform,
+        layers_pattern=first.layers_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+    )
+    return config, merged

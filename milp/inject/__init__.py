@@ -1,0 +1,109 @@
+"""Memory injection: train each user's memory on their history and answer their queries.
+
+An injector turns users into `TrainedUser`s (`run(users) -> Iterator[TrainedUser]`), one
+as soon as it is done. Two implementations, chosen by `conf/injection/*.yaml`:
+
+- `sequential.SequentialInjector`: one user at a time, fresh peft memory modules trained
+  by a Lightning Trainer (the reference path);
+- `batched.BatchedInjector`: `users_per_batch` users per forward/backward pass through a
+  `bank.MemoryBank` (same memories up to float rounding, faster on many users).
+
+Both share what decides results: the per-user seed (`seed_user`, set before a user's
+memory is created and its data shuffled), the data (`milp.data.datamodule`), answering
+and scoring (`answer.answer_queries`), and the result record (`TrainedUser.record`).
+Incremental memory (`memory.resume_from`): a user with a stored memory there starts from
+it (all modules, trainable; fresh optimizer state) instead of fresh modules; the stored
+run is only read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+
+from milp.adapters import find_memory
+from milp.data.datamodule import UserDataModule
+from milp.data.users import User, user_seed
+from milp.memory import MemoryConfig, MemoryPlacement
+from milp.store import adapters_root
+
+if TYPE_CHECKING:
+    from milp.adapters import ModuleStates
+    from milp.inject.answer import Answers
+    from milp.models.hf import BaseModel
+
+
+def seed_user(seed: int, user_id: str) -> None:
+    """Seed everything for one user: its fresh memory weights and its data order depend on
+    (seed, user id) only, not on which users ran before it or beside it."""
+    L.seed_everything(user_seed(seed, user_id), workers=True, verbose=False)
+
+
+@dataclass
+class TrainedUser:
+    """A user whose memory is trained and whose queries are answered."""
+
+    user: User
+    answers: Answers
+    memory: ModuleStates | None  # None: no memory (zero-shot)
+    trainable_parameters: int
+    train_loss: float | None
+    train_seconds: float
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """The user's result record, as stored in users/<user>.json."""
+        uid = self.user.user_id
+        return {
+            "user_id": uid,
+            "history_size": len(self.user.history),
+            "queries": len(self.user.queries),
+            "trainable_parameters": self.trainable_parameters,
+            "train_loss": self.train_loss,
+            "train_seconds": round(self.train_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "memory": self.answers.user_metrics(uid, "memory"),
+            "no_memory": self.answers.user_metrics(uid, "no_memory"),
+            "predictions": self.answers.user_predictions(uid),
+        }
+
+
+class Injector:
+    """What both injectors are given; subclasses implement `run`."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        memory: MemoryConfig,
+        placement: MemoryPlacement | None,
+        datamodule: UserDataModule,
+        *,
+        trainer: Any,
+        optim: dict,
+        generation: dict,
+        compare_without_memory: bool,
+        seed: int,
+        callbacks: Any = None,
+    ) -> None:
+        self.base, self.memory, self.placement = base, memory, placement
+        self.datamodule = datamodule
+        self.trainer, self.callbacks = trainer, callbacks
+        self.optim, self.generation = dict(optim), dict(generation)
+        self.compare_without_memory = bool(compare_without_memory) and memory.enabled
+        self.seed = int(seed)
+        self.resume_root = (
+            adapters_root(memory.resume_from, "memory.resume_from") if memory.resume_from else None
+        )
+
+    def stored_memory(self, user: User) -> Path | None:
+        """The user's memory to continue from (`memory.resume_from`), if any."""
+        if self.resume_root is None:
+            return None
+        return find_memory(self.resume_root, user, self.memory, self.placement)
+
+    def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
+        raise NotImplementedError

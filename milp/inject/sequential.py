@@ -1,0 +1,84 @@
+"""The per-user injector: one user at a time, peft memory modules, a Lightning Trainer.
+
+For each user: seed, inject fresh memory modules into the frozen base model (or the
+user's stored memory, with `memory.resume_from`), train them with a Trainer built from
+`conf/trainer`, answer the user's queries (with and without the memory), take the
+trained weights, and unload the modules so the next user starts from the clean base.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from milp.adapters import load_memory, peft_module_states
+from milp.data.users import User
+from milp.inject import Injector, TrainedUser, seed_user
+from milp.inject.answer import answer_queries
+from milp.inject.module import MemoryInjectionModule
+from milp.memory import inject_memory, remove_memory, trainable_parameters
+
+
+class SequentialInjector(Injector):
+    """Trains and answers users one after another (`injection=sequential`)."""
+
+    def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
+        for user in users:
+            yield self.inject(user)
+
+    def inject(self, user: User) -> TrainedUser:
+        """Train one user's memory, answer the user's queries, hand the base model back."""
+        seed_user(self.seed, user.user_id)
+        started = time.perf_counter()
+        enabled = self.memory.enabled
+        model = self.base.model
+        if enabled:
+            stored = self.stored_memory(user)
+            model = (
+                inject_memory(model, self.memory)
+                if stored is None
+                else load_memory(model, stored, trainable=True)
+            )
+        try:
+            train_loss = self.train(model, user) if enabled else None
+            train_seconds = time.perf_counter() - started
+
+            def switch(user_ids: list[str], use_memory: bool):
+                return nullcontext() if use_memory or not enabled else model.disable_adapter()
+
+            answers = answer_queries(
+                model,
+                self.base.tokenizer,
+                self.datamodule,
+                [user],
+                switch,
+                self.generation,
+                self.compare_without_memory,
+            )
+            return TrainedUser(
+                user=user,
+                answers=answers,
+                memory=peft_module_states(model) if enabled else None,
+                trainable_parameters=trainable_parameters(model) if enabled else 0,
+                train_loss=train_loss,
+                train_seconds=train_seconds,
+                seconds=time.perf_counter() - started,
+            )
+        finally:
+            if enabled:  # the clean base model for the next user, whatever happened
+                self.base.model = remove_memory(model)
+
+    def train(self, model: torch.nn.Module, user: User) -> float:
+        """Fit the memory modules on the user's history; returns the last training loss."""
+        module = MemoryInjectionModule(model, **self.optim)
+        callbacks = list(instantiate(self.callbacks).values()) if self.callbacks else []
+        trainer: L.Trainer = instantiate(self.trainer, logger=False, callbacks=callbacks)
+        trainer.fit(module, datamodule=self.datamodule.select(user))
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        return float(trainer.callback_metrics.get("train/loss", torch.nan))
