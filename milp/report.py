@@ -44,12 +44,19 @@ def method_name(memory: MemoryConfig, retrieval_k: int) -> str:
 
 
 def summarize(
-    results: list[dict], *, data: str, split: str, objective: str, memory_enabled: bool
+    results: list[dict],
+    *,
+    data: str,
+    data_path: str | None,
+    split: str,
+    objective: str,
+    memory_enabled: bool,
 ) -> dict[str, Any]:
     """Overall metrics of the users finished so far, as written to metrics.json."""
     with_memory = average(results, "memory")
     return {
         "data": data,
+        "data_path": data_path,
         "split": split,
         "users": len(results),
         "memory_enabled": memory_enabled,

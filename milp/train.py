@@ -129,6 +129,7 @@ def run(cfg: DictConfig) -> float | None:
         return summarize(
             results,
             data=datamodule.name,
+            data_path=datamodule.path,
             split=cfg.split,
             objective=cfg.objective,
             memory_enabled=memory.enabled,

@@ -121,7 +121,6 @@ class UserDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         min_history: int = 1,
         name: str = "data",
-        task: str | None = None,
         path: str | None = None,
         retrieval_k: int = 0,
         retrieval_format: RetrievalFormat | None = None,
@@ -135,8 +134,8 @@ class UserDataModule(L.LightningDataModule):
         self.min_examples_per_epoch = min_examples_per_epoch
         self.format = prompt_format or PromptFormat()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        # `path` is where the users were read from (data.path), kept for reports.
-        self.name, self.task, self.path = name, task, path
+        # `path`: where the users were read from (data.path), recorded in metrics.json.
+        self.name, self.path = name, path
         for user in users:
             if len(user.history) < min_history:
                 raise MilpError(
