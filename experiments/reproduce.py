@@ -47,7 +47,6 @@ METHOD_CONFIG = {"milp_default": "milp"}
 SEARCHED = ("milp", "milp_rag", "milp_sparse")
 METRICS = (("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("persona_f1", "persona-F1"))
 BUCKETS = (("≤5", 0, 5), ("6–20", 6, 20), (">20", 21, 10**9))
-NOT_CARRIED = ("+sweep", "sweep", "++sweep", "+experiment", "experiment", "split")
 
 
 def run(args: list[str], log: Path) -> float:
@@ -83,15 +82,9 @@ def best_settings(best_file: Path) -> list[str]:
     (e.g. the number of validation users) must not leak into the test runs.
     """
     best = yaml.safe_load(best_file.read_text())
-    if "params" in best:
-        return [f"{k}={_value(v)}" for k, v in best["params"].items()]
-    # best.yaml of an older sweeper: the whole trial's overrides minus data and search keys
-    items = [f"{k}={_value(v)}" for k, v in best["overrides"].items()]
-    return [
-        o
-        for o in items
-        if o.split("=", 1)[0] not in NOT_CARRIED and not o.startswith(("data", "+data"))
-    ]
+    if "params" not in best:
+        raise SystemExit(f"{best_file}: no `params:` (the searched settings); re-run the search")
+    return [f"{k}={_value(v)}" for k, v in best["params"].items()]
 
 
 def _value(value: Any) -> str:

@@ -268,14 +268,17 @@ def lora_config(config: MemoryConfig, placement: MemoryPlacement) -> LoraConfig:
     )
 
 
-def inject_memory(model: nn.Module, config: MemoryConfig) -> PeftModel:
+def inject_memory(
+    model: nn.Module, config: MemoryConfig, placement: MemoryPlacement | None = None
+) -> PeftModel:
     """Add fresh memory modules to `model` (in place) and make only them trainable.
 
-    Seed torch before calling: the modules' initial weights come from its generator.
+    `placement`: `place_memory(config, model)`, if the caller has it already. Seed torch
+    before calling: the modules' initial weights come from its generator.
     """
     if not config.enabled:
         raise ValueError("inject_memory needs num_loras >= 1")
-    placement = place_memory(config, model)
+    placement = placement or place_memory(config, model)
     peft_config = lora_config(config, placement)
     names = config.adapter_names
     peft_model = get_peft_model(model, peft_config, adapter_name=names[0])

@@ -40,7 +40,7 @@ class SequentialInjector(Injector):
         if enabled:
             stored = self.stored_memory(user)
             model = (
-                inject_memory(model, self.memory)
+                inject_memory(model, self.memory, self.placement)
                 if stored is None
                 else load_memory(model, stored, trainable=True)
             )
