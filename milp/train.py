@@ -254,6 +254,7 @@ def summarize(cfg: DictConfig, memory: MemoryConfig, results: list[dict], datamo
         "objective": with_memory[cfg.objective] if with_memory else None,
         "memory": with_memory,
         "no_memory": average(results, "no_memory"),
+        "gold_in_history": datamodule.gold_in_history,  # milp/data/checks.py find_gold_leaks
         "seconds": round(sum(r["seconds"] for r in results), 2),
         "per_user": {
             r["user_id"]: {k: r[k] for k in ("history_size", "memory", "no_memory", "seconds")}
