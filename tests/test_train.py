@@ -134,7 +134,8 @@ def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
         json.dumps(
             {
                 "task": "LaMP_4",
-                "golds": [{"id": "q0", "output": "town news"}, {"id": "q1", "output": "x"}],
+                # q0's gold is one of its own history titles (case and spaces aside).
+                "golds": [{"id": "q0", "output": "Town  News 1"}, {"id": "q1", "output": "x"}],
             }
         )
     )
@@ -145,6 +146,7 @@ def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
             "data=lamp4",
             f"data.path={data}",
             "split=dev",
+            "data.allow_gold_in_history=true",
             "logger=none",
             f"hydra.run.dir={out}",
         ],
@@ -152,6 +154,10 @@ def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["users"] == 2 and metrics["data"] == "lamp4"
+    assert metrics["gold_in_history"] == {
+        "count": 1,
+        "examples": ["user 'q0' query 'q0' gold 'Town  News 1'"],
+    }
     assert (out / "adapters" / "q1" / "memory_0" / "adapter_config.json").is_file()
 
 
