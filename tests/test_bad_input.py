@@ -340,6 +340,11 @@ ROWS = [
         "data.allow_gold_in_history must be true or false, got 'maybe'",
     ),
     (
+        "synthetic-max-users-0",
+        lambda tmp: ["data=synthetic", "data.users.max_users=0"],
+        "data.users.max_users must be an integer >= 1 or null (all users), got 0",
+    ),
+    (
         "chitchat-max-history-0",
         lambda tmp: ["data=chitchat", "data.users.max_history=0"],
         "data.users.max_history must be an integer >= 1 or null (all earlier replies), got 0",
