@@ -1,18 +1,17 @@
 """Malformed LaMP and JSONL input through `python -m milp.train`: one line, exit 2, no output.
 
 Each row starts from a valid data set, breaks one thing, and runs the real entrypoint
-(Hydra, config, loaders) in this process with `runpy`, as `python -m` does; two rows
-also run it as a separate process. The model config is made unloadable on purpose
-(`model.dtype` is not a dtype): data must be refused before the model is built, so a row
-whose data got through fails on the model's message instead of its own.
+(Hydra, config, loaders). All rows run in one separate process, one after the other, each
+started with `runpy` as `python -m` starts a module; two rows also run as a process of
+their own. The model config is made unloadable on purpose (`model.dtype` is not a
+dtype): data must be refused before the model is built, so a row whose data got through
+fails on the model's message instead of its own.
 """
 
 import copy
 import json
-import runpy
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -352,44 +351,95 @@ ROWS = [
 ]
 
 
-def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """`python -m milp.train ARGS` in this process: its exit code and its stderr."""
-    monkeypatch.setattr(sys, "argv", ["milp.train", *args])
-    capsys.readouterr()
-    with warnings.catch_warnings(), pytest.raises(SystemExit) as exited:
-        # Another test may have imported milp.train already; running it as __main__
-        # again is what we want here, not a problem to warn about.
-        warnings.filterwarnings("ignore", "'milp.train' found in sys.modules", RuntimeWarning)
-        runpy.run_module("milp.train", run_name="__main__", alter_sys=True)
-    return exited.value.code, capsys.readouterr().err
+# Runs `python -m milp.train ARGS` for each ARGS in the JSON file argv[1], one after the
+# other in this one process (as runpy, the way `python -m` starts a module), and writes
+# each run's exit code and stderr, or the traceback of anything else it raised, to argv[2].
+DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+runs_file, results_file, results = sys.argv[1], sys.argv[2], []
+for args in json.load(open(runs_file)):
+    sys.argv, stderr, code = ["milp.train", *args], io.StringIO(), None
+    try:
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_module("milp.train", run_name="__main__", alter_sys=True)
+    except SystemExit as exited:
+        code = exited.code
+    except BaseException:
+        stderr.write(traceback.format_exc())
+    results.append({"code": code, "stderr": stderr.getvalue()})
+json.dump(results, open(results_file, "w"))
+"""
 
 
-def assert_one_line_error(code: int, stderr: str, message: str, run_dir: Path) -> None:
+def run_all(runs: list[list[str]], tmp: Path, cache: Path) -> list[dict]:
+    """Run `python -m milp.train` once per argument list, all in one fresh process.
+
+    One process keeps the table fast (Python, torch and Hydra start once), and a fresh
+    one sees none of the logging handlers or captured streams of the test session.
+    """
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp / "runs.json"), str(tmp / "results.json")],
+        cwd=ROOT,
+        env=milp_env(cache),
+        check=True,
+        timeout=600,
+    )
+    return json.loads((tmp / "results.json").read_text())
+
+
+def assert_one_line_error(
+    code: int | None, stderr: str, message: str, run_dir: Path, fresh: bool = True
+) -> None:
+    """Exit code 2, one line on stderr that says `message`; a fresh `run_dir` holds only
+    what Hydra writes before milp starts."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, stderr
     assert len(lines) == 1, stderr
     assert lines[0].startswith("milp: error: ") and message in lines[0], lines[0]
-    assert {p.name for p in run_dir.iterdir()} <= HYDRA_ENTRIES, sorted(run_dir.iterdir())
+    if fresh:
+        assert {p.name for p in run_dir.iterdir()} <= HYDRA_ENTRIES, sorted(run_dir.iterdir())
 
 
-@pytest.fixture
-def offline_env(monkeypatch, tmp_path):
-    """The environment of a test milp process, with a cache no row may fill."""
-    cache = tmp_path / "cache"
-    for key, value in milp_env(cache).items():
-        monkeypatch.setenv(key, value)
-    return cache
+EARLIER_RUN = {
+    "fingerprint.txt": "0123456789abcdef\n",
+    "metrics.json": '{"users": 1}',
+    "predictions.jsonl": '{"id": "a1"}\n',
+    "users/alice.json": '{"user_id": "alice"}',
+}
 
 
-@pytest.mark.parametrize("make_args, message", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_bad_input_is_one_line_before_the_model(
-    make_args, message, tmp_path, monkeypatch, capsys, offline_env
-):
-    run_dir = tmp_path / "run"
-    args = [*COMMON, *make_args(tmp_path), f"hydra.run.dir={run_dir}"]
-    code, stderr = run_in_process(args, monkeypatch, capsys)
-    assert_one_line_error(code, stderr, message, run_dir)
-    assert not offline_env.exists()  # no data generated, no model built
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> dict[str, tuple[dict, Path, Path]]:
+    """Every row run once: {row id: (its exit code and stderr, its run dir, the cache)}."""
+    root = tmp_path_factory.mktemp("bad-input")
+    cache = root / "cache"  # no row may fill it: no data generated, no model built
+    runs, run_dirs = [], {}
+    for row_id, make_args, _ in ROWS:
+        row_dir = root / row_id
+        row_dir.mkdir()
+        run_dirs[row_id] = row_dir / "run"
+        runs.append([*COMMON, *make_args(row_dir), f"hydra.run.dir={row_dir / 'run'}"])
+    # A run directory that holds an earlier run's results, given a refused file.
+    earlier = root / "earlier"
+    for name, text in EARLIER_RUN.items():
+        (earlier / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / "run" / name).write_text(text)
+    make = jsonl_case(lambda u: setitem(u[1], "user_id", None))
+    runs.append([*COMMON, *make(earlier), f"hydra.run.dir={earlier / 'run'}"])
+    run_dirs["earlier"] = earlier / "run"
+    results = run_all(runs, root, cache)
+    return {
+        row_id: (result, run_dirs[row_id], cache)
+        for row_id, result in zip([*(r[0] for r in ROWS), "earlier"], results, strict=True)
+    }
+
+
+@pytest.mark.parametrize("row_id, message", [(r[0], r[2]) for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_before_the_model(table, row_id, message):
+    result, run_dir, cache = table[row_id]
+    assert_one_line_error(result["code"], result["stderr"], message, run_dir)
+    assert not cache.exists()
 
 
 def test_the_valid_data_of_the_rows_loads(tmp_path):
@@ -414,25 +464,15 @@ def test_gold_in_history_can_be_allowed_and_is_counted(tmp_path):
     assert leaks == {"count": 1, "examples": ["user 'bob' query 'q3' gold 'victory!'"]}
 
 
-def test_bad_input_keeps_an_earlier_runs_files(tmp_path, monkeypatch, capsys, offline_env):
+def test_bad_input_keeps_an_earlier_runs_files(table):
     """Refused data leaves an existing run directory's results byte for byte."""
-    run_dir = tmp_path / "run"
-    earlier = {
-        "fingerprint.txt": "0123456789abcdef\n",
-        "metrics.json": '{"users": 1}',
-        "predictions.jsonl": '{"id": "a1"}\n',
-        "users/alice.json": '{"user_id": "alice"}',
-    }
-    for name, text in earlier.items():
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_text(text)
-    make = jsonl_case(lambda u: setitem(u[1], "user_id", None))
-    args = [*COMMON, *make(tmp_path), f"hydra.run.dir={run_dir}"]
-    code, stderr = run_in_process(args, monkeypatch, capsys)
-    assert code == 2 and "'user_id' must be a string" in stderr
-    assert {name: (run_dir / name).read_text() for name in earlier} == earlier
+    result, run_dir, _ = table["earlier"]
+    assert_one_line_error(
+        result["code"], result["stderr"], "'user_id' must be a string", run_dir, fresh=False
+    )
+    assert {name: (run_dir / name).read_text() for name in EARLIER_RUN} == EARLIER_RUN
     names = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
-    assert {n for n in names if not n.startswith(".hydra/")} == {*earlier, "train.log"}
+    assert {n for n in names if not n.startswith(".hydra/")} == {*EARLIER_RUN, "train.log"}
 
 
 IN_A_PROCESS = [r for r in ROWS if r[0] in {"jsonl-invalid-utf8", "lamp-null-user-id"}]
