@@ -48,6 +48,7 @@ def summarize(
     *,
     data: str,
     data_path: str | None,
+    gold_in_history: dict | None,
     split: str,
     objective: str,
     memory_enabled: bool,
@@ -64,6 +65,8 @@ def summarize(
         "objective": with_memory[objective] if with_memory else None,
         "memory": with_memory,
         "no_memory": average(results, "no_memory"),
+        # queries whose gold is in the user's history (milp/data/checks.py find_gold_leaks)
+        "gold_in_history": gold_in_history,
         "seconds": round(sum(r["seconds"] for r in results), 2),
         "per_user": {
             r["user_id"]: {k: r[k] for k in ("history_size", "memory", "no_memory", "seconds")}

@@ -130,6 +130,7 @@ def run(cfg: DictConfig) -> float | None:
             results,
             data=datamodule.name,
             data_path=datamodule.path,
+            gold_in_history=datamodule.gold_in_history,
             split=cfg.split,
             objective=cfg.objective,
             memory_enabled=memory.enabled,

@@ -56,15 +56,25 @@ def milp_env(cache: Path) -> dict[str, str]:
     }
 
 
-def start_milp(args: list[str], cache: Path) -> subprocess.Popen:
-    """Start `python -m milp.train` in the background (for tests that interrupt it)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "milp.train", *args],
-        cwd=ROOT,
-        env=milp_env(cache),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def start_milp(args: list[str], cache: Path, log: Path | None = None) -> subprocess.Popen:
+    """Start `python -m milp.train` in the background (for tests that interrupt it).
+
+    `tests/` is on its PYTHONPATH, so its config may name test-side callbacks
+    (tests/interrupt_gate.py); `log` receives its stdout and stderr.
+    """
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "milp.train", *args],
+            cwd=ROOT,
+            env=milp_env(cache) | {"PYTHONPATH": path},
+            stdout=output,
+            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        )
+    finally:
+        if log:
+            output.close()  # the child holds its own copy of the descriptor
 
 
 def run_milp(

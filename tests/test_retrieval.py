@@ -16,8 +16,22 @@ def test_bm25_by_hand():
     expected = [idf * 2.2 / (1 + 1.2 * (0.25 + 0.75 * n / mean)) for n in (3, 2)]
     scores = index.scores("apple")
     assert scores[:2] == pytest.approx(expected) and scores[2] == 0.0
-    assert index.top("apple sky", 2)[0] in (0, 1, 2)
+    # "sky" is rarer than "apple" (1 document vs 2), so the sky document ranks first; of
+    # the apple documents the shorter one (BM25's length normalisation) comes next.
+    idf_sky = math.log(1 + 2.5 / 1.5)
+    both = index.scores("apple sky")
+    assert both == pytest.approx(
+        [expected[0], expected[1], idf_sky * 2.2 / (1 + 1.2 * (0.25 + 0.75 * 2 / mean))]
+    )
+    assert index.top("apple sky", 2) == [2, 1]
     assert index.top("green apple", 1) == [1]
+
+
+def test_bm25_ties_go_to_the_more_recent_item():
+    index = BM25(["old news", "news again", "unrelated"])
+    assert index.scores("news")[0] == index.scores("news")[1]
+    assert index.top("news", 3) == [1, 0, 2]
+    assert index.top("nothing matches", 2) == [2, 1]  # all zero: newest first
 
 
 def test_lamp4_layout_and_word_budget():

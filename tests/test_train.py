@@ -134,7 +134,8 @@ def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
         json.dumps(
             {
                 "task": "LaMP_4",
-                "golds": [{"id": "q0", "output": "town news"}, {"id": "q1", "output": "x"}],
+                # q0's gold is one of its own history titles (case and spaces aside).
+                "golds": [{"id": "q0", "output": "Town  News 1"}, {"id": "q1", "output": "x"}],
             }
         )
     )
@@ -145,6 +146,7 @@ def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
             "data=lamp4",
             f"data.path={data}",
             "split=dev",
+            "data.allow_gold_in_history=true",
             "logger=none",
             f"hydra.run.dir={out}",
         ],
@@ -152,42 +154,51 @@ def test_real_lamp_files_run_through_the_same_path(milp_cache, tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["users"] == 2 and metrics["data"] == "lamp4"
+    assert metrics["gold_in_history"] == {
+        "count": 1,
+        "examples": ["user 'q0' query 'q0' gold 'Town  News 1'"],
+    }
     assert (out / "adapters" / "q1" / "memory_0" / "adapter_config.json").is_file()
 
 
 def test_interrupted_run_keeps_finished_users_and_resumes(milp_cache, tmp_path):
     out = tmp_path / "run"
-    # Six users with more epochs each, so that Ctrl-C lands while later users are running.
-    args = [
-        *FAST,
-        "data.users.max_users=6",
-        "trainer.max_epochs=8",
-        "logger=none",
-        f"hydra.run.dir={out}",
+    args = [*FAST, "logger=none", f"hydra.run.dir={out}"]  # three users
+    holding = tmp_path / "holding"
+    # The second user's training waits (tests/interrupt_gate.py) once the first user's
+    # result exists, so Ctrl-C lands mid-run on every machine; callbacks are left out of
+    # the run's fingerprint, so the resumed run below may drop the gate.
+    gate = [
+        "+callbacks.gate._target_=interrupt_gate.HoldOnceFileExists",
+        f"+callbacks.gate.after={out}/users/test-u000.json",
+        f"+callbacks.gate.holding={holding}",
     ]
-    run_milp(
-        [*FAST, "data.users.max_users=1", "logger=none", f"hydra.run.dir={tmp_path}/warm"],
-        milp_cache,
-    )  # builds the model first, so the timing below is about users
-    process = start_milp(args, milp_cache)
-    first = out / "users" / "test-u000.json"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.exists(), "first user never finished"
-    process.send_signal(signal.SIGINT)  # Ctrl-C while later users are in progress
-    process.wait(timeout=60)
-    done = sorted(p.name for p in (out / "users").glob("*.json"))
-    assert 1 <= len(done) < 6
-    stamps = {name: (out / "users" / name).stat().st_mtime_ns for name in done}
+    log = tmp_path / "interrupted.log"
+    process = start_milp([*args, *gate], milp_cache, log=log)
+    try:
+        hang_guard = time.monotonic() + 900  # not a timing condition: only stops a hung run
+        while not holding.exists() and process.poll() is None and time.monotonic() < hang_guard:
+            time.sleep(0.05)
+        assert holding.exists(), f"the run ended before the second user:\n{log.read_text()}"
+        process.send_signal(signal.SIGINT)  # Ctrl-C while the second user is in progress
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode != 0, log.read_text()
+    assert sorted(p.name for p in (out / "users").glob("*.json")) == ["test-u000.json"]
+    assert not (out / "adapters" / "test-u001").exists()
+    assert json.loads((out / "metrics.json").read_text())["users"] == 1
+    stamp = (out / "users" / "test-u000.json").stat().st_mtime_ns
     assert load_memory(
         load_base_model(str(next((milp_cache / "models").iterdir()))).model,
         out / "adapters" / "test-u000",
     )
 
     run_milp(args, milp_cache)  # same directory: finishes the rest only
-    assert {name: (out / "users" / name).stat().st_mtime_ns for name in done} == stamps
-    assert json.loads((out / "metrics.json").read_text())["users"] == 6
+    assert (out / "users" / "test-u000.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "metrics.json").read_text())["users"] == 3
 
     # A different configuration must not silently mix into these results.
     clash = run_milp([*args, "memory.rank=4"], milp_cache, check=False)

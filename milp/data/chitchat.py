@@ -21,6 +21,7 @@ import json
 import random
 from pathlib import Path
 
+from milp.data.checks import setting_int
 from milp.data.lamp import load_lamp_split
 from milp.errors import MilpError
 from milp.files import publish_dir
@@ -72,9 +73,9 @@ def read_replies(path: Path) -> dict[str, list[dict]]:
     return replies
 
 
-def _split_records(user_id: str, items: list[dict], queries_per_user: int, max_history: int):
+def _split_records(user_id: str, items: list[dict], queries_per_user: int, max_history: int | None):
     history, queries = items[:-queries_per_user], items[-queries_per_user:]
-    profile = history[-max_history:]
+    profile = history if max_history is None else history[-max_history:]
     questions = [
         {"id": q["id"], "user_id": user_id, "input": q["context"], "profile": profile}
         for q in queries
@@ -87,13 +88,14 @@ def write_chitchat_lamp(
     directory: str | Path,
     seed: int = 0,
     min_history: int = 100,
-    max_history: int = 200,
+    max_history: int | None = 200,
     queries_per_user: int = 3,
     test_users: int = 8,
     dev_users: int = 4,
     train_users: int = 0,
 ) -> Path:
     """Convert the corpus into LaMP-schema splits under `directory` (atomically)."""
+    _check_settings(min_history, max_history, queries_per_user, test_users, dev_users, train_users)
     replies = read_replies(corpus_path())
     eligible = sorted(
         u for u, items in replies.items() if len(items) >= min_history + queries_per_user
@@ -127,12 +129,31 @@ def write_chitchat_lamp(
     return Path(directory)
 
 
+def _check_settings(
+    min_history: int,
+    max_history: int | None,
+    queries_per_user: int,
+    test_users: int,
+    dev_users: int,
+    train_users: int,
+) -> None:
+    setting_int("data.users.min_history", min_history, 1)
+    setting_int("data.users.max_history", max_history, 1, "all earlier replies")
+    setting_int("data.users.queries_per_user", queries_per_user, 1)
+    for key, value in [
+        ("test_users", test_users),
+        ("dev_users", dev_users),
+        ("train_users", train_users),
+    ]:
+        setting_int(f"data.users.{key}", value, 0)
+
+
 def load_chitchat_users(
     root: str | Path,
     split: str,
     seed: int = 0,
     min_history: int = 100,
-    max_history: int = 200,
+    max_history: int | None = 200,
     queries_per_user: int = 3,
     test_users: int = 8,
     dev_users: int = 4,
@@ -140,7 +161,7 @@ def load_chitchat_users(
     max_users: int | None = None,
 ) -> list:
     """Users of one split of the converted corpus (converted on first use, then cached)."""
-
+    _check_settings(min_history, max_history, queries_per_user, test_users, dev_users, train_users)
     settings = [
         CONVERTER_VERSION,
         seed,

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from milp.data.checks import find_gold_leaks, setting_int
 from milp.data.retrieval import RetrievalFormat, add_retrieval
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
@@ -38,6 +39,15 @@ class PromptFormat:
     # Text between the answer cue and the answer: a space after "Answer:"; nothing after
     # a chat template's "assistant\n", whose replies start right away.
     target_prefix: str = " "
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.template:
+            raise MilpError(
+                f"data.prompt_format.template must contain '{{prompt}}', got {self.template!r}"
+            )
+        setting_int("data.prompt_format.max_prompt_tokens", self.max_prompt_tokens, 1)
+        # One token of the target budget is the end-of-sequence token.
+        setting_int("data.prompt_format.max_target_tokens", self.max_target_tokens, 2)
 
     def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
         """Token ids of a formatted, truncated prompt."""
@@ -111,7 +121,13 @@ class QueryCollator:
 
 
 class UserDataModule(L.LightningDataModule):
-    """All users of one split; serves the selected user(s) to a Lightning Trainer."""
+    """All users of one split; serves the selected user(s) to a Lightning Trainer.
+
+    A query whose gold output appears in the same user's history (see
+    `milp.data.checks.find_gold_leaks`) would be answered from a copy of its gold, so
+    such data is refused unless `allow_gold_in_history`; `gold_in_history` holds the
+    count and first examples either way, for metrics.json.
+    """
 
     def __init__(
         self,
@@ -125,13 +141,19 @@ class UserDataModule(L.LightningDataModule):
         retrieval_k: int = 0,
         retrieval_format: RetrievalFormat | None = None,
         min_examples_per_epoch: int = 0,
+        allow_gold_in_history: bool = False,
     ) -> None:
         super().__init__()
-        if min_examples_per_epoch < 0:
+        self.min_examples_per_epoch = setting_int(
+            "data.min_examples_per_epoch", min_examples_per_epoch, 0
+        )
+        setting_int("data.batch_size", batch_size, 1)
+        setting_int("data.eval_batch_size", eval_batch_size, 1)
+        setting_int("data.min_history", min_history, 0)
+        if not isinstance(allow_gold_in_history, bool):
             raise MilpError(
-                f"data.min_examples_per_epoch must be >= 0, got {min_examples_per_epoch}"
+                f"data.allow_gold_in_history must be true or false, got {allow_gold_in_history!r}"
             )
-        self.min_examples_per_epoch = min_examples_per_epoch
         self.format = prompt_format or PromptFormat()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         # `path`: where the users were read from (data.path), recorded in metrics.json.
@@ -142,6 +164,16 @@ class UserDataModule(L.LightningDataModule):
                     f"user {user.user_id!r} has {len(user.history)} history item(s); "
                     f"data.min_history is {min_history}"
                 )
+        if not users:
+            raise MilpError(f"{path or name}: no users to run")
+        leaks = find_gold_leaks(users)
+        if leaks.count and not allow_gold_in_history:
+            raise MilpError(
+                f"{path or name}: {leaks.count} query gold output(s) appear in the same "
+                f"user's history, e.g. {'; '.join(leaks.examples)}; scores would be inflated "
+                "(set data.allow_gold_in_history=true to run anyway)"
+            )
+        self.gold_in_history = leaks.as_dict()
         # Retrieval-in-prompt rewrites the query prompts once, here: training pairs and
         # everything downstream are the same with or without it.
         self.users = add_retrieval(users, retrieval_k, retrieval_format or RetrievalFormat())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from milp.data.checks import record_id, record_text, setting_int
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
 
@@ -80,10 +81,17 @@ def get_task(name: str) -> LampTask:
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file, turning every way it can be wrong into a one-line MilpError."""
+    """Parse a UTF-8 JSON file, turning every way it can be wrong into a one-line MilpError."""
     if not path.is_file():
         raise MilpError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise MilpError(
+            f"{path}: not valid UTF-8 (line {line}, byte {err.start}); LaMP files are UTF-8 JSON"
+        ) from None
     if text.lstrip().startswith("<"):
         raise MilpError(f"{path}: looks like an HTML page, not JSON (check the download URL)")
     try:
@@ -94,24 +102,37 @@ def read_json(path: Path) -> Any:
         ) from None
 
 
-def _date_key(item: dict[str, Any]) -> tuple[int, str]:
-    # Dates are ints in some files and YYYY-MM-DD strings in others; both sort as text
-    # once ints are zero-padded, and items without a date keep their file order.
+def _date_key(item: dict[str, Any]) -> tuple[int, Any]:
+    # Items without a date keep their file order, before the dated ones; a user's dates
+    # are all numbers or all strings (checked while loading), so they compare directly.
     date = item.get("date")
+    return (0, 0) if date is None else (1, date)
+
+
+def _date_kind(where: str, date: Any) -> str | None:
     if date is None:
-        return (0, "")
-    return (1, f"{date:020d}" if isinstance(date, int) else str(date))
+        return None
+    if isinstance(date, str) and date.strip():
+        return "string"
+    if isinstance(date, int | float) and not isinstance(date, bool):
+        return "number"
+    raise MilpError(f"{where}: 'date' must be a number or a non-empty string, got {date!r}")
 
 
-def _check_question(path: Path, index: int, record: Any, task: LampTask) -> None:
+def _check_question(path: Path, index: int, record: Any, task: LampTask) -> str:
+    """Validate one question record; return its id."""
     where = f"{path}: record {index}"
     if not isinstance(record, dict):
         raise MilpError(f"{where}: expected an object, got {type(record).__name__}")
     if "id" not in record:
         raise MilpError(f"{where}: missing 'id'")
-    where = f"{path}: record {index} (id={record['id']!r})"
+    question_id = record_id(where, record["id"])
+    where = f"{path}: record {index} (id={question_id!r})"
+    if "user_id" in record:
+        record_id(where, record["user_id"], "user_id")
     if not isinstance(record.get("input"), str):
         raise MilpError(f"{where}: missing 'input' (a string)")
+    record_text(where, record["input"], "input")
     profile = record.get("profile")
     if not isinstance(profile, list):
         raise MilpError(f"{where}: missing 'profile' (a list of history items)")
@@ -120,12 +141,18 @@ def _check_question(path: Path, index: int, record: Any, task: LampTask) -> None
     for item_index, item in enumerate(profile):
         if not isinstance(item, dict):
             raise MilpError(f"{where}: profile item {item_index} is not an object")
+        item_where = f"{where}: profile item {item_index}"
         for key in task.item_fields:
             if not isinstance(item.get(key), str):
                 raise MilpError(
-                    f"{where}: profile item {item_index} misses {key!r} "
+                    f"{item_where} misses {key!r} "
                     f"(task {task.name} needs {', '.join(task.item_fields)})"
                 )
+            record_text(item_where, item[key], key)
+        if "id" in item:
+            record_id(item_where, item["id"])
+        _date_kind(item_where, item.get("date"))
+    return question_id
 
 
 def read_golds(path: Path, task: LampTask) -> dict[str, str]:
@@ -137,6 +164,7 @@ def read_golds(path: Path, task: LampTask) -> dict[str, str]:
     if file_task is not None and get_task(file_task).name != task.name:
         raise MilpError(f"{path}: holds golds of task {file_task!r}, but data.task is {task.name}")
     golds: dict[str, str] = {}
+    first_index: dict[str, int] = {}
     for index, gold in enumerate(data["golds"]):
         if (
             not isinstance(gold, dict)
@@ -144,8 +172,47 @@ def read_golds(path: Path, task: LampTask) -> dict[str, str]:
             or not isinstance(gold.get("output"), str)
         ):
             raise MilpError(f"{path}: gold {index} needs 'id' and 'output' (a string)")
-        golds[str(gold["id"])] = gold["output"]
+        gold_id = record_id(f"{path}: gold {index}", gold["id"])
+        where = f"{path}: gold {index} (id={gold_id!r})"
+        if gold_id in golds:
+            raise MilpError(f"{where}: duplicate id (also gold {first_index[gold_id]})")
+        golds[gold_id] = record_text(where, gold["output"], "output")
+        first_index[gold_id] = index
     return golds
+
+
+class _Profile:
+    """One user's profile items gathered over their questions, checked for consistency."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[dict[str, Any], str]] = {}
+        self.date_kind: tuple[str, str] | None = None
+
+    def add(self, path: Path, where: str, item_id: str, item: dict[str, Any]) -> None:
+        """Add an item found at `where` (record and item index) in `path`."""
+        if item_id in self.items:
+            first, first_where = self.items[item_id]
+            if first != item:
+                raise MilpError(
+                    f"{path}: {where}: profile item id {item_id!r} is reused with different "
+                    f"content (first in {first_where})"
+                )
+            return
+        self.items[item_id] = (item, where)
+        kind = _date_kind(f"{path}: {where}", item.get("date"))
+        if kind is None:
+            return
+        if self.date_kind is None:
+            self.date_kind = (kind, where)
+        elif self.date_kind[0] != kind:
+            raise MilpError(
+                f"{path}: {where}: 'date' is a {kind}, but {self.date_kind[1]} of the same "
+                f"user has a {self.date_kind[0]} date; one user's dates must be all numbers "
+                "or all strings"
+            )
+
+    def ordered(self) -> list[dict[str, Any]]:
+        return sorted((item for item, _ in self.items.values()), key=_date_key)
 
 
 def load_lamp_users(
@@ -159,27 +226,34 @@ def load_lamp_users(
 
     Questions that share a `user_id` become one user with several queries and the union
     of their profiles (time-based split); otherwise every question is its own user.
-    `max_history` keeps each user's most recent items; `max_users` the first users.
+    `max_history` keeps each user's most recent items; `max_users` the first users;
+    `None` keeps all (values below 1 are refused).
     """
+    max_history = setting_int("data.users.max_history", max_history, 1, "all items")
+    max_users = setting_int("data.users.max_users", max_users, 1, "all users")
     lamp_task = get_task(task)
     questions_path = Path(questions)
     records = read_json(questions_path)
     if not isinstance(records, list):
         raise MilpError(f"{questions_path}: expected a JSON array of questions")
+    if not records:
+        raise MilpError(f"{questions_path}: no questions (an empty array)")
 
     golds: dict[str, str] | None = None
     if outputs is not None:
         golds = read_golds(Path(outputs), lamp_task)
 
-    profiles: dict[str, dict[str, dict[str, Any]]] = {}
+    profiles: dict[str, _Profile] = {}
     queries: dict[str, list[Query]] = {}
-    seen_ids: set[str] = set()
+    first_index: dict[str, int] = {}
     for index, record in enumerate(records):
-        _check_question(questions_path, index, record, lamp_task)
-        question_id = str(record["id"])
-        if question_id in seen_ids:
-            raise MilpError(f"{questions_path}: record {index}: duplicate id {question_id!r}")
-        seen_ids.add(question_id)
+        question_id = _check_question(questions_path, index, record, lamp_task)
+        if question_id in first_index:
+            raise MilpError(
+                f"{questions_path}: record {index}: duplicate id {question_id!r} "
+                f"(also record {first_index[question_id]})"
+            )
+        first_index[question_id] = index
         user_id = str(record.get("user_id", question_id))
         gold = None
         if golds is not None:
@@ -187,12 +261,14 @@ def load_lamp_users(
                 raise MilpError(f"{outputs}: no gold output for question id {question_id!r}")
             gold = golds[question_id]
         queries.setdefault(user_id, []).append(Query(question_id, record["input"], gold))
-        items = profiles.setdefault(user_id, {})
+        profile = profiles.setdefault(user_id, _Profile())
         for item_index, item in enumerate(record["profile"]):
-            items.setdefault(str(item.get("id", f"{question_id}/{item_index}")), item)
+            item_id = str(item.get("id", f"{question_id}/{item_index}"))
+            where = f"record {index} (id={question_id!r}) profile item {item_index}"
+            profile.add(questions_path, where, item_id, item)
 
     if golds is not None:
-        orphans = sorted(set(golds) - seen_ids)
+        orphans = sorted(set(golds) - set(first_index))
         if orphans:
             raise MilpError(
                 f"{outputs}: {len(orphans)} gold id(s) match no question in "
@@ -200,15 +276,15 @@ def load_lamp_users(
             )
 
     users = []
-    for user_id, items in profiles.items():
-        ordered = sorted(items.values(), key=_date_key)
+    for user_id, profile in profiles.items():
+        ordered = profile.ordered()
         if max_history is not None:
             ordered = ordered[-max_history:]
         history = [lamp_task.to_pair(item) for item in ordered]
         users.append(
             User(user_id, history, queries[user_id], profile_texts=[p.target for p in history])
         )
-    return users[:max_users] if max_users else users
+    return users[:max_users]
 
 
 def lamp_split_files(path: str | Path, split: str) -> tuple[Path, Path]:

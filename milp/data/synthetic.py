@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from milp.data.checks import setting_int
 from milp.data.lamp import load_lamp_split
 from milp.data.retrieval import RetrievalFormat
 from milp.data.users import HistoryPair
@@ -292,6 +293,8 @@ def load_synthetic_users(
     max_users: int | None = None,
 ) -> list:
     """Users of one split of the embedded data set, read through the LaMP loader."""
-
+    # Checked before generating, not only by the loader after it.
+    setting_int("data.users.max_history", max_history, 1, "all items")
+    setting_int("data.users.max_users", max_users, 1, "all users")
     directory = ensure_synthetic_lamp(root, seed)
     return load_lamp_split("LaMP_4", directory, split, max_history, max_users)

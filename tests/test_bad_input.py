@@ -1,0 +1,496 @@
+"""Malformed LaMP and JSONL input through `python -m milp.train`: one line, exit 2, no output.
+
+Each row starts from a valid data set, breaks one thing, and runs the real entrypoint
+(Hydra, config, loaders). All rows run in one separate process, one after the other, each
+started with `runpy` as `python -m` starts a module; two rows also run as a process of
+their own. The model config is made unloadable on purpose (`model.dtype` is not a
+dtype): data must be refused before the model is built, so a row whose data got through
+fails on the model's message instead of its own.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, milp_env
+
+from milp.data.datamodule import UserDataModule
+from milp.data.history import load_history_users
+from milp.data.lamp import load_lamp_split
+
+# Reached only if a row's data is accepted: then the model is the next thing built.
+UNLOADABLE_MODEL = ["model=hf", "model.name_or_path=unused", "model.dtype=not-a-dtype"]
+COMMON = [*UNLOADABLE_MODEL, "logger=none", "callbacks=none"]
+# What Hydra itself writes into a run directory before milp's code starts.
+HYDRA_ENTRIES = {".hydra", "train.log"}
+
+QUESTIONS = [
+    {
+        "id": "q1",
+        "user_id": "ann",
+        "input": "Generate a headline for the following article: The bridge reopened today.",
+        "profile": [
+            {"id": "p1", "text": "Rain all week.", "title": "Wet week ahead", "date": "2019-01-02"},
+            {"id": "p2", "text": "A cafe opened.", "title": "Cafe opens", "date": "2019-03-01"},
+        ],
+    },
+    {
+        "id": "q2",
+        "user_id": "ann",
+        "input": "Generate a headline for the following article: Snow is coming.",
+        "profile": [
+            {"id": "p1", "text": "Rain all week.", "title": "Wet week ahead", "date": "2019-01-02"},
+        ],
+    },
+    {
+        "id": "q3",
+        "user_id": "bob",
+        "input": "Generate a headline for the following article: The team lost.",
+        "profile": [{"id": "p9", "text": "Team wins.", "title": "Victory!", "date": "2020-05-05"}],
+    },
+]
+GOLDS = {
+    "task": "LaMP_4",
+    "golds": [
+        {"id": "q1", "output": "Bridge back"},
+        {"id": "q2", "output": "Snow soon"},
+        {"id": "q3", "output": "Defeat"},
+    ],
+}
+USERS = [
+    {
+        "user_id": "alice",
+        "history": [{"prompt": "How was your weekend?", "response": "Grand, went climbing!"}],
+        "queries": [{"id": "a1", "prompt": "Any plans tonight?", "response": "Climbing."}],
+    },
+    {
+        "user_id": "bob",
+        "history": [{"prompt": "Coffee?", "response": "Always."}],
+        "queries": [{"id": "b1", "prompt": "Tea?", "response": "Never."}, {"prompt": "Cake?"}],
+    },
+]
+
+
+def write_lamp(directory: Path, questions: list, golds: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dev_questions.json").write_text(json.dumps(questions), encoding="utf-8")
+    (directory / "dev_outputs.json").write_text(json.dumps(golds), encoding="utf-8")
+    return directory
+
+
+def write_jsonl(path: Path, users: list) -> Path:
+    path.write_text("".join(json.dumps(u) + "\n" for u in users), encoding="utf-8")
+    return path
+
+
+def lamp_case(mutate: Callable[[list, dict], None], *overrides: str):
+    """A row on LaMP files: `mutate(questions, golds)` breaks the valid data in place."""
+
+    def make(tmp: Path) -> list[str]:
+        questions, golds = copy.deepcopy(QUESTIONS), copy.deepcopy(GOLDS)
+        mutate(questions, golds)
+        data = write_lamp(tmp / "lamp", questions, golds)
+        return ["data=lamp4", f"data.path={data}", "split=dev", *overrides]
+
+    return make
+
+
+def lamp_bytes_case(name: str, old: bytes, new: bytes):
+    """A row on LaMP files whose bytes are edited (e.g. to break their encoding)."""
+
+    def make(tmp: Path) -> list[str]:
+        data = write_lamp(tmp / "lamp", QUESTIONS, GOLDS)
+        path = data / name
+        raw = path.read_bytes()
+        assert old in raw
+        path.write_bytes(raw.replace(old, new, 1))
+        return ["data=lamp4", f"data.path={data}", "split=dev"]
+
+    return make
+
+
+def jsonl_case(mutate: Callable[[list], None] | None, *overrides: str, raw: bytes | None = None):
+    """A row on a JSONL history file: `mutate(users)` in place, or `raw` bytes as the file."""
+
+    def make(tmp: Path) -> list[str]:
+        path = tmp / "users.jsonl"
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            users = copy.deepcopy(USERS)
+            mutate(users)
+            write_jsonl(path, users)
+        return ["data=history", f"data.path={path}", *overrides]
+
+    return make
+
+
+def setitem(target: dict, key, value) -> None:
+    target[key] = value
+
+
+INVALID_UTF8_JSONL = (
+    b'{"user_id": "alice", "history": [{"prompt": "hi", "response": "caf\xe9"}],'
+    b' "queries": [{"prompt": "x"}]}\n'
+)
+
+# (row id, how to make the run's arguments, what the one line says after "milp: error: ")
+ROWS = [
+    # --- LaMP files -------------------------------------------------------------
+    (
+        "lamp-null-user-id",
+        lamp_case(lambda q, g: setitem(q[2], "user_id", None)),
+        "dev_questions.json: record 2 (id='q3'): 'user_id' must be a string or an integer, "
+        "got None",
+    ),
+    (
+        "lamp-list-user-id",
+        lamp_case(lambda q, g: setitem(q[0], "user_id", ["ann"])),
+        "record 0 (id='q1'): 'user_id' must be a string or an integer, got ['ann']",
+    ),
+    (
+        "lamp-list-question-id",
+        lamp_case(lambda q, g: setitem(q[1], "id", ["q2"])),
+        "dev_questions.json: record 1: 'id' must be a string or an integer, got ['q2']",
+    ),
+    (
+        "lamp-list-gold-id",
+        lamp_case(lambda q, g: setitem(g["golds"][0], "id", ["q1"])),
+        "dev_outputs.json: gold 0: 'id' must be a string or an integer",
+    ),
+    (
+        "lamp-list-profile-item-id",
+        lamp_case(lambda q, g: setitem(q[2]["profile"][0], "id", [9])),
+        "record 2 (id='q3'): profile item 0: 'id' must be a string or an integer, got [9]",
+    ),
+    (
+        "lamp-duplicate-gold-id",
+        lamp_case(lambda q, g: g["golds"].append({"id": "q1", "output": "Other"})),
+        "dev_outputs.json: gold 3 (id='q1'): duplicate id (also gold 0)",
+    ),
+    (
+        "lamp-empty-input",
+        lamp_case(lambda q, g: setitem(q[1], "input", "  ")),
+        "record 1 (id='q2'): 'input' is an empty string",
+    ),
+    (
+        "lamp-empty-gold",
+        lamp_case(lambda q, g: setitem(g["golds"][2], "output", "")),
+        "dev_outputs.json: gold 2 (id='q3'): 'output' is an empty string",
+    ),
+    (
+        "lamp-empty-title",
+        lamp_case(lambda q, g: setitem(q[0]["profile"][1], "title", "")),
+        "record 0 (id='q1'): profile item 1: 'title' is an empty string",
+    ),
+    (
+        "lamp-mixed-date-kinds",
+        # A 2030 number would sort before "2019-01-02" as text: refused, not guessed.
+        lamp_case(
+            lambda q, g: q[1]["profile"].append(
+                {"id": "p3", "text": "Sun.", "title": "Sunny", "date": 2030}
+            )
+        ),
+        "record 1 (id='q2') profile item 1: 'date' is a number, but record 0 (id='q1') "
+        "profile item 0 of the same user has a string date",
+    ),
+    (
+        "lamp-bad-date-type",
+        lamp_case(lambda q, g: setitem(q[2]["profile"][0], "date", [2020])),
+        "record 2 (id='q3'): profile item 0: 'date' must be a number or a non-empty string",
+    ),
+    (
+        "lamp-reused-profile-id",
+        lamp_case(lambda q, g: setitem(q[1]["profile"][0], "title", "Dry week ahead")),
+        "record 1 (id='q2') profile item 0: profile item id 'p1' is reused with different "
+        "content (first in record 0 (id='q1') profile item 0)",
+    ),
+    (
+        "lamp-invalid-utf8-questions",
+        lamp_bytes_case("dev_questions.json", b"Rain all", b"R\xe4in all"),
+        "dev_questions.json: not valid UTF-8 (line 1, byte",
+    ),
+    (
+        "lamp-invalid-utf8-outputs",
+        lamp_bytes_case("dev_outputs.json", b"Defeat", b"D\xc3feat"),
+        "dev_outputs.json: not valid UTF-8 (line 1, byte",
+    ),
+    (
+        "lamp-no-questions",
+        lamp_case(lambda q, g: (q.clear(), g["golds"].clear())),
+        "dev_questions.json: no questions (an empty array)",
+    ),
+    (
+        "lamp-gold-in-history",
+        lamp_case(lambda q, g: setitem(g["golds"][2], "output", "  VICTORY! ")),
+        "1 query gold output(s) appear in the same user's history, e.g. user 'bob' query "
+        "'q3' gold '  VICTORY! '",
+    ),
+    (
+        "lamp-max-history-0",
+        lamp_case(lambda q, g: None, "data.users.max_history=0"),
+        "data.users.max_history must be an integer >= 1 or null (all items), got 0",
+    ),
+    (
+        "lamp-max-users-0",
+        lamp_case(lambda q, g: None, "data.users.max_users=0"),
+        "data.users.max_users must be an integer >= 1 or null (all users), got 0",
+    ),
+    # --- JSONL history files ----------------------------------------------------
+    (
+        "jsonl-invalid-utf8",
+        jsonl_case(None, raw=INVALID_UTF8_JSONL),
+        f"users.jsonl: line 1: not valid UTF-8 (column {INVALID_UTF8_JSONL.index(0xE9) + 1})",
+    ),
+    (
+        "jsonl-null-user-id",
+        jsonl_case(lambda u: setitem(u[1], "user_id", None)),
+        "users.jsonl: line 2: 'user_id' must be a string or an integer, got None",
+    ),
+    (
+        "jsonl-list-user-id",
+        jsonl_case(lambda u: setitem(u[0], "user_id", ["alice"])),
+        "users.jsonl: line 1: 'user_id' must be a string or an integer, got ['alice']",
+    ),
+    (
+        "jsonl-duplicate-query-id",
+        jsonl_case(lambda u: setitem(u[1]["queries"][0], "id", "a1")),
+        "users.jsonl: line 2: queries[0]: duplicate query id 'a1' (also line 1: queries[0])",
+    ),
+    (
+        "jsonl-list-query-id",
+        jsonl_case(lambda u: setitem(u[0]["queries"][0], "id", ["a1"])),
+        "users.jsonl: line 1: queries[0]: 'id' must be a string or an integer",
+    ),
+    (
+        "jsonl-empty-history-prompt",
+        jsonl_case(lambda u: setitem(u[0]["history"][0], "prompt", "")),
+        "users.jsonl: line 1: history[0]: 'prompt' is an empty string",
+    ),
+    (
+        "jsonl-empty-history-response",
+        jsonl_case(lambda u: setitem(u[1]["history"][0], "response", " \n")),
+        "users.jsonl: line 2: history[0]: 'response' is an empty string",
+    ),
+    (
+        "jsonl-empty-query-prompt",
+        jsonl_case(lambda u: setitem(u[1]["queries"][1], "prompt", "")),
+        "users.jsonl: line 2: queries[1]: 'prompt' is an empty string",
+    ),
+    (
+        "jsonl-empty-query-response",
+        jsonl_case(lambda u: setitem(u[0]["queries"][0], "response", "")),
+        "users.jsonl: line 1: queries[0]: 'response' is an empty string",
+    ),
+    (
+        "jsonl-non-string-response",
+        jsonl_case(lambda u: setitem(u[0]["queries"][0], "response", 42)),
+        "users.jsonl: line 1: queries[0]: 'response' must be a string, got 42",
+    ),
+    (
+        "jsonl-gold-in-history",
+        jsonl_case(lambda u: setitem(u[0]["queries"][0], "response", "grand, went  Climbing!")),
+        "users.jsonl: 1 query gold output(s) appear in the same user's history, e.g. user "
+        "'alice' query 'a1'",
+    ),
+    (
+        "jsonl-max-history-0",
+        jsonl_case(lambda u: None, "data.users.max_history=0"),
+        "data.users.max_history must be an integer >= 1 or null (all items), got 0",
+    ),
+    (
+        "jsonl-max-history-negative",
+        jsonl_case(lambda u: None, "data.users.max_history=-2"),
+        "data.users.max_history must be an integer >= 1 or null (all items), got -2",
+    ),
+    (
+        "jsonl-max-users-0",
+        jsonl_case(lambda u: None, "data.users.max_users=0"),
+        "data.users.max_users must be an integer >= 1 or null (all users), got 0",
+    ),
+    (
+        "jsonl-no-users",
+        jsonl_case(None, raw=b"\n\n"),
+        "users.jsonl: no users in file",
+    ),
+    # --- data settings shared by every source -----------------------------------
+    (
+        "batch-size-0",
+        jsonl_case(lambda u: None, "data.batch_size=0"),
+        "data.batch_size must be an integer >= 1, got 0",
+    ),
+    (
+        "max-target-tokens-1",
+        jsonl_case(lambda u: None, "data.prompt_format.max_target_tokens=1"),
+        "data.prompt_format.max_target_tokens must be an integer >= 2, got 1",
+    ),
+    (
+        "template-without-prompt",
+        jsonl_case(lambda u: None, "data.prompt_format.template=Answer:"),
+        "data.prompt_format.template must contain '{prompt}'",
+    ),
+    (
+        "allow-gold-not-a-bool",
+        jsonl_case(lambda u: None, "data.allow_gold_in_history=maybe"),
+        "data.allow_gold_in_history must be true or false, got 'maybe'",
+    ),
+    (
+        "synthetic-max-users-0",
+        lambda tmp: ["data=synthetic", "data.users.max_users=0"],
+        "data.users.max_users must be an integer >= 1 or null (all users), got 0",
+    ),
+    (
+        "chitchat-max-history-0",
+        lambda tmp: ["data=chitchat", "data.users.max_history=0"],
+        "data.users.max_history must be an integer >= 1 or null (all earlier replies), got 0",
+    ),
+]
+
+
+# Runs `python -m milp.train ARGS` for each ARGS in the JSON file argv[1], one after the
+# other in this one process (as runpy, the way `python -m` starts a module), and writes
+# each run's exit code and stderr, or the traceback of anything else it raised, to argv[2].
+DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+runs_file, results_file, results = sys.argv[1], sys.argv[2], []
+for args in json.load(open(runs_file)):
+    sys.argv, stderr, code = ["milp.train", *args], io.StringIO(), None
+    try:
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_module("milp.train", run_name="__main__", alter_sys=True)
+    except SystemExit as exited:
+        code = exited.code
+    except BaseException:
+        stderr.write(traceback.format_exc())
+    results.append({"code": code, "stderr": stderr.getvalue()})
+json.dump(results, open(results_file, "w"))
+"""
+
+
+def run_all(runs: list[list[str]], tmp: Path, cache: Path) -> list[dict]:
+    """Run `python -m milp.train` once per argument list, all in one fresh process.
+
+    One process keeps the table fast (Python, torch and Hydra start once), and a fresh
+    one sees none of the logging handlers or captured streams of the test session.
+    """
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp / "runs.json"), str(tmp / "results.json")],
+        cwd=ROOT,
+        env=milp_env(cache),
+        check=True,
+        timeout=600,
+    )
+    return json.loads((tmp / "results.json").read_text())
+
+
+def assert_one_line_error(
+    code: int | None, stderr: str, message: str, run_dir: Path, fresh: bool = True
+) -> None:
+    """Exit code 2, one line on stderr that says `message`; a fresh `run_dir` holds only
+    what Hydra writes before milp starts."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("milp: error: ") and message in lines[0], lines[0]
+    if fresh:
+        assert {p.name for p in run_dir.iterdir()} <= HYDRA_ENTRIES, sorted(run_dir.iterdir())
+
+
+EARLIER_RUN = {
+    "fingerprint.txt": "0123456789abcdef\n",
+    "metrics.json": '{"users": 1}',
+    "predictions.jsonl": '{"id": "a1"}\n',
+    "users/alice.json": '{"user_id": "alice"}',
+}
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> dict[str, tuple[dict, Path, Path]]:
+    """Every row run once: {row id: (its exit code and stderr, its run dir, the cache)}."""
+    root = tmp_path_factory.mktemp("bad-input")
+    cache = root / "cache"  # no row may fill it: no data generated, no model built
+    runs, run_dirs = [], {}
+    for row_id, make_args, _ in ROWS:
+        row_dir = root / row_id
+        row_dir.mkdir()
+        run_dirs[row_id] = row_dir / "run"
+        runs.append([*COMMON, *make_args(row_dir), f"hydra.run.dir={row_dir / 'run'}"])
+    # A run directory that holds an earlier run's results, given a refused file.
+    earlier = root / "earlier"
+    for name, text in EARLIER_RUN.items():
+        (earlier / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / "run" / name).write_text(text)
+    make = jsonl_case(lambda u: setitem(u[1], "user_id", None))
+    runs.append([*COMMON, *make(earlier), f"hydra.run.dir={earlier / 'run'}"])
+    run_dirs["earlier"] = earlier / "run"
+    results = run_all(runs, root, cache)
+    return {
+        row_id: (result, run_dirs[row_id], cache)
+        for row_id, result in zip([*(r[0] for r in ROWS), "earlier"], results, strict=True)
+    }
+
+
+@pytest.mark.parametrize("row_id, message", [(r[0], r[2]) for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_before_the_model(table, row_id, message):
+    result, run_dir, cache = table[row_id]
+    assert_one_line_error(result["code"], result["stderr"], message, run_dir)
+    assert not cache.exists()
+
+
+def test_the_valid_data_of_the_rows_loads(tmp_path):
+    """Every row breaks data that is otherwise accepted, so its error is its own."""
+    data = write_lamp(tmp_path / "lamp", QUESTIONS, GOLDS)
+    lamp_users = load_lamp_split("LaMP_4", data, "dev")
+    assert [(u.user_id, len(u.history), len(u.queries)) for u in lamp_users] == [
+        ("ann", 2, 2),
+        ("bob", 1, 1),
+    ]
+    history_users = load_history_users(write_jsonl(tmp_path / "users.jsonl", USERS))
+    assert [q.id for q in history_users[1].queries] == ["b1", "bob/1"]
+    for users in (lamp_users, history_users):
+        assert UserDataModule(users).gold_in_history == {"count": 0, "examples": []}
+
+
+def test_gold_in_history_can_be_allowed_and_is_counted(tmp_path):
+    questions, golds = copy.deepcopy(QUESTIONS), copy.deepcopy(GOLDS)
+    golds["golds"][2]["output"] = "victory!"
+    users = load_lamp_split("LaMP_4", write_lamp(tmp_path, questions, golds), "dev")
+    leaks = UserDataModule(users, allow_gold_in_history=True).gold_in_history
+    assert leaks == {"count": 1, "examples": ["user 'bob' query 'q3' gold 'victory!'"]}
+
+
+def test_bad_input_keeps_an_earlier_runs_files(table):
+    """Refused data leaves an existing run directory's results byte for byte."""
+    result, run_dir, _ = table["earlier"]
+    assert_one_line_error(
+        result["code"], result["stderr"], "'user_id' must be a string", run_dir, fresh=False
+    )
+    assert {name: (run_dir / name).read_text() for name in EARLIER_RUN} == EARLIER_RUN
+    names = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+    assert {n for n in names if not n.startswith(".hydra/")} == {*EARLIER_RUN, "train.log"}
+
+
+IN_A_PROCESS = [r for r in ROWS if r[0] in {"jsonl-invalid-utf8", "lamp-null-user-id"}]
+
+
+@pytest.mark.parametrize(
+    "make_args, message", [r[1:] for r in IN_A_PROCESS], ids=[r[0] for r in IN_A_PROCESS]
+)
+def test_bad_input_in_a_real_process(make_args, message, tmp_path):
+    """The same refusal from a separate `python -m milp.train`: no traceback, exit 2."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "milp.train", *make_args(tmp_path), f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=milp_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(result.returncode, result.stderr, message, run_dir)
+    assert not (tmp_path / "cache").exists()
