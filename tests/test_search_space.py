@@ -1,16 +1,17 @@
-"""The memory-injection search space (sweeps/, conf/sweep) on the real milp app.
+"""The memory-injection search space (sweeps/) on the real milp app.
 
-Fast: the sweep configs compose through Hydra's ``+sweep=`` group (a symlink to
-``sweeps/``), every value they can propose is a valid memory placement on the default
-model's architecture, a bad sweep config stops the milp app before any trial, and a tiny
-BO sweep through the real CLI logs its trials, writes best.yaml and evaluates the best once
-on the test users. Slow: a killed sweep resumes with the remaining trials only.
+Fast: the sweep configs compose through Hydra's ``+sweep=`` group (the ``sweeps/`` folder,
+read through ``hydra_plugins/milp_sweeps`` from any working directory), every value they
+can propose is a valid memory placement on the default model's architecture, a bad sweep
+config stops the milp app before any trial, and a tiny BO sweep through the real CLI logs
+its trials, writes best.yaml and evaluates the best once on the test users. Slow: a killed
+sweep resumes with the remaining trials only.
 """
 
 import importlib.util
 import json
-import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
+from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp, start_milp
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hydra_plugins.milp_sweeper.sweeper import build_search_space, nevergrad_parameter
+from hydra_plugins.milp_sweeper._search_space import build_search_space, nevergrad_parameter
 from milp.memory import place_memory
 
 SWEEPS = ROOT / "sweeps"
@@ -101,12 +102,47 @@ def read_trials(sweep_dir: Path) -> list[dict]:
 # ---- the configs -----------------------------------------------------------------------
 
 
-def test_sweep_group_is_a_relative_symlink_to_sweeps():
-    link = ROOT / "conf" / "sweep"
-    assert link.is_symlink() and os.readlink(link) == "../sweeps"
-    assert sorted(p.name for p in link.glob("*.yaml")) == sorted(
-        p.name for p in SWEEPS.glob("*.yaml")
+def test_sweep_group_is_the_sweeps_folder_from_any_working_directory(tmp_path):
+    """`+sweep=<name>` selects sweeps/<name>.yaml (hydra_plugins/milp_sweeps), run from a
+    directory that is not the checkout, and the tree holds no symlink for it."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=False
     )
+    if tracked.returncode == 0:
+        links = [line.split()[-1] for line in tracked.stdout.splitlines() if line[:6] == "120000"]
+        assert not links, f"symlinks in the tree: {links}"
+    assert not (ROOT / "conf" / "sweep").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "milp.train", "+sweep=nope", "--cfg", "job"],
+        cwd=tmp_path,
+        env=milp_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    listed = result.stdout + result.stderr
+    available = listed.split("Available options in 'sweep':", 1)[1].split("Config search")[0]
+    assert sorted(available.split()) == sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "milp.train",
+            "+experiment=lamp",
+            "+sweep=milp_bo",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.sweeper.optim",
+        ],
+        cwd=tmp_path,
+        env=milp_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["optimizer"] == "BO"
 
 
 def test_milp_bo_space_is_the_paper_space_on_dev_users(default_llama):
@@ -122,8 +158,8 @@ def test_milp_bo_space_is_the_paper_space_on_dev_users(default_llama):
     assert (sweeper.optim.optimizer, sweeper.optim.seed) == ("BO", 0)
     assert 20 <= sweeper.optim.budget <= 30
 
-    parametrization = OmegaConf.to_container(sweeper.parametrization)
-    space = build_search_space(parametrization, [], OverridesParser.create())
+    params = OmegaConf.to_container(sweeper.params)
+    space = build_search_space(params, [], OverridesParser.create())
     assert set(space.params) == MILP_BO_DIMENSIONS
     assert not space.fixed
     for spec in space.params.values():
@@ -213,7 +249,7 @@ def test_bench_helpers_on_a_lookup_table():
     assert bench.trials_to_reach([0.1, 0.3, 0.3, 0.5], 0.3) == 2
     assert bench.trials_to_reach([0.1], 0.3) is None
     assert len(bench.grid_configs()) == 32
-    # A synthetic grid: the optimizers search it through the sweeper's parametrization.
+    # A synthetic grid: the optimizers search it through the sweeper's search-space code.
     grid = {
         "configs": [
             dict(zip(bench.SPACE, c, strict=True), objective=c[0] / 8 + c[2] / 10)
@@ -238,7 +274,7 @@ def test_bench_helpers_on_a_lookup_table():
             "unknown nevergrad optimizer 'BOO'",
             marks=pytest.mark.slow,
         ),
-        pytest.param("+hydra.sweeper.parametrization.seed=[]", "seed", marks=pytest.mark.slow),
+        pytest.param("+hydra.sweeper.params.seed=[]", "seed", marks=pytest.mark.slow),
         pytest.param("memory.rank=interval(16,1)", "memory.rank", marks=pytest.mark.slow),
     ],
     ids=["unknown-key", "optimizer", "empty-choices", "lower>upper"],

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from hydra_plugins.milp_sweeper.sweeper import append_jsonl, format_value, read_trial_log
+from hydra_plugins.milp_sweeper._overrides import format_value
+from hydra_plugins.milp_sweeper._trial_log import append_jsonl, read_trial_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = Path(__file__).parent / "toy_app" / "toy.py"
@@ -155,7 +156,7 @@ def test_bo_finds_good_point_and_writes_results(tmp_path):
     assert results["best_evaluated_params"] == trials[best["trial"]]["params"]
 
 
-def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
+def test_yaml_params_random_search_is_reproducible(tmp_path):
     """The YAML config surface with RandomSearch; the same seed gives the same trials."""
     args = (RANDOM, "hydra.sweeper.optim.budget=6", "optim.lr=0.005")  # lr: fixed value
     procs = [start_toy(tmp_path / n, *args, config_name="search") for n in ("a", "b")]
@@ -186,10 +187,10 @@ def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
     ("overrides", "named"),
     [
         (["hydra.sweeper.optim.optimizer=NoSuchOptimizer"], "hydra.sweeper.optim.optimizer"),
-        (["+hydra.sweeper.parametrization.model=[]"], "model"),
-        (["+hydra.sweeper.parametrization.x={lower:1.0,upper:0.5}"], "x"),
+        (["+hydra.sweeper.params.model=[]"], "model"),
+        (["+hydra.sweeper.params.x={lower:1.0,upper:0.5}"], "x"),
         (["optim.lr=tag(log,interval(0,0.01))"], "optim.lr"),
-        (["+hydra.sweeper.parametrization.x={lower:0,upper:1,sigma:2}"], "x"),
+        (["+hydra.sweeper.params.x={lower:0,upper:1,sigma:2}"], "x"),
         (["hydra.sweeper.optim.budget=0"], "hydra.sweeper.optim.budget"),
         (["hydra.sweeper.optim.num_workers=0"], "hydra.sweeper.optim.num_workers"),
         (["memory.rnak=2,4"], "memory.rnak"),

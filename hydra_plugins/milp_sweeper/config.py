@@ -55,7 +55,7 @@ class MilpNevergradSweeperConf:
     # key -> list of choices | {lower, upper, log, integer, init, step} | sweep string
     # (e.g. "interval(0,1)") | plain value (fixed for every trial). default_factory, not a
     # mutable default: that is what breaks the published plugin on Python 3.11.
-    parametrization: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     # JSON-lines trial log, relative to hydra.sweep.dir; also what a re-run resumes from.
     trials_file: str = "trials.jsonl"
     wandb: WandbConf = field(default_factory=WandbConf)
