@@ -41,13 +41,14 @@ from milp.memory import (
 from milp.metrics import METRIC_NAMES, tokenize
 from milp.models.hf import BaseModel
 from milp.module import MemoryInjectionModule
+from milp.prune import Pruner  # PRUNE
 from milp.shard import current_shard
 from milp.store import RunStore, config_fingerprint
 
 log = logging.getLogger("milp")
 
 # Settings that do not change a user's results, left out of the run's fingerprint.
-VOLATILE_KEYS = ("logger", "paths", "callbacks")
+VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file")  # PRUNE: + prune_file
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -186,8 +187,13 @@ def run(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     users = shard.users(datamodule.users, datamodule.batch_size)
+    # PRUNE (milp/prune.py): a search trial may stop after any user, users in a fixed order.
+    running = lambda rs: (average(rs, "memory") or {}).get(cfg.objective)  # noqa: E731
+    pruner = Pruner.from_config(cfg.get("prune_file"), running, output_dir, shard.world_size)
+    users = pruner.order(users) if pruner else users  # PRUNE
     done = {u.user_id: store.load_result(u) for u in users if store.is_done(u)}
     todo = [u for u in users if u.user_id not in done]
+    todo = [] if pruner and pruner.should_stop(done) else todo  # PRUNE: resumed, stopped
     if memory.enabled and users_per_batch > 1:  # many users per forward/backward pass
         stream = batched_results(cfg, base, memory, datamodule, todo, store, find_stored)
     else:
@@ -203,12 +209,16 @@ def run(cfg: DictConfig) -> float | None:
         if shard.is_main:
             results = [done[u.user_id] for u in users if u.user_id in done]
             store.write_outputs(results, summarize(cfg, memory, results, datamodule))
+        if pruner and pruner.should_stop(done):  # PRUNE
+            break
     progress.close()
 
     shard.wait_for_all()
     if not shard.is_main:
         return None
     users = datamodule.users
+    if pruner:  # PRUNE: a stopped trial's objective is over the users it evaluated
+        users = [u for u in users if u.user_id in pruner.evaluated]
     missing = [u.user_id for u in users if u.user_id not in done and not store.is_done(u)]
     if missing:
         raise MilpError(
@@ -217,6 +227,7 @@ def run(cfg: DictConfig) -> float | None:
         )
     results = [done.get(u.user_id) or store.load_result(u) for u in users]
     summary = summarize(cfg, memory, results, datamodule)
+    summary |= pruner.summary() if pruner else {}  # PRUNE: pruned, users_evaluated
     store.write_outputs(results, summary)
     rows = {method_name(memory, datamodule.retrieval_k): summary["memory"]}
     if summary.get("no_memory"):

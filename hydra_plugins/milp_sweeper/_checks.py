@@ -27,6 +27,7 @@ from hydra_plugins.milp_sweeper._overrides import (
     first_line,
     format_value,
 )
+from hydra_plugins.milp_sweeper._pruning import check_pruning_settings
 from hydra_plugins.milp_sweeper._search_space import (
     ChoiceParam,
     FixedValue,
@@ -53,10 +54,12 @@ def validated_space(
     trials_file: str,
     wandb: Mapping[str, Any],
     final_overrides: Sequence[str],
+    pruning: Mapping[str, Any],
 ) -> SearchSpace:
     """The search space, after every check (see the module docstring); logs nevergrad's
     construction warnings once, and warns when a one-at-a-time optimizer gets batches."""
     check_settings(optim, trials_file, wandb)
+    check_pruning_settings(pruning)
     parser = OverridesParser.create(config_loader=hydra_context.config_loader)
     space = build_search_space(params, arguments, parser)
     if not space.params:
@@ -66,6 +69,8 @@ def validated_space(
         )
     for name, spec in [*space.params.items(), *space.fixed.items()]:
         check_key(config, spec.key, where=f"search space: {name}")
+    if pruning.get("enabled"):
+        check_key(config, str(pruning["trial_key"]), where="hydra.sweeper.pruning.trial_key")
     final = parse_final_overrides(parser, final_overrides)
     for override in final:
         check_key(config, override.get_key_element(), where="hydra.sweeper.final_overrides")

@@ -9,9 +9,8 @@ Contract:
 - ``job_record`` turns a Hydra ``JobReturn`` into such a record: a job that raised or
   returned a non-number / NaN / inf is ``failed``; ``duration_s`` is the task function's
   wall time, left in the job dir by ``TimedTask``.
-- ``LossBook`` turns records, in trial order, into what nevergrad is told, so replaying
-  the log tells exactly what the original sweep told; ``check_replay`` says whether a
-  re-asked batch is the logged one (exact resume) or not (``ReplayMismatch``).
+- ``check_replay`` says whether a re-asked batch is the logged one (exact resume) or not
+  (``ReplayMismatch``).
 - ``write_summary`` writes ``best.yaml`` and ``optimization_results.yaml`` atomically
   (temp file + ``os.replace``); ``FINAL_FILE`` records the final evaluation.
 """
@@ -67,37 +66,6 @@ def check_replay(records: Mapping[int, Mapping[str, Any]], batch: Iterable[Trial
                 f"Trial {trial.num}: replay asked {trial.params} but the log has "
                 f"{record.get('params')}"
             )
-
-
-class LossBook:
-    """Turns trial records into losses for nevergrad (minimization).
-
-    A failed trial gets a penalty worse than every loss told so far, so the optimizer
-    moves away from it; before any trial succeeded it is not told at all (nothing to be
-    worse than, and BO cannot take inf/nan). Only the logged order matters, so replaying
-    the log reproduces the exact same tells.
-    """
-
-    def __init__(self, maximize: bool) -> None:
-        self.maximize = maximize
-        self.losses: list[float] = []
-
-    def loss(self, record: Mapping[str, Any]) -> float | None:
-        """Loss to tell for a record, or None to skip telling it."""
-        if record.get("status") == "ok" and record.get("objective") is not None:
-            objective = float(record["objective"])
-            loss = -objective if self.maximize else objective
-            self.losses.append(loss)
-            return loss
-        if not self.losses:
-            return None
-        worst, best = max(self.losses), min(self.losses)
-        return worst + max(worst - best, 0.1 * abs(worst), 1e-3)
-
-
-# --------------------------------------------------------------------------------------
-# Files: trial log, atomic writes, job durations
-# --------------------------------------------------------------------------------------
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
@@ -243,8 +211,8 @@ def job_record(trial: Trial, result: JobReturn) -> dict[str, Any]:
 def best_record(
     records: Mapping[int, Mapping[str, Any]], maximize: bool
 ) -> Mapping[str, Any] | None:
-    """Best ok trial (earliest on ties), or None if no trial succeeded."""
-    ok = [r for r in records.values() if r.get("status") == "ok"]
+    """Best ok trial that evaluated all its users (earliest on ties), or None."""
+    ok = [r for r in records.values() if r.get("status") == "ok" and not r.get("pruned")]
     if not ok:
         return None
     sign = -1.0 if maximize else 1.0
@@ -288,8 +256,10 @@ def results_summary(
     best: Mapping[str, Any] | None,
     final: Mapping[str, Any] | None,
     final_overrides: Sequence[str],
+    pruning: bool = False,
 ) -> dict[str, Any]:
-    """The content of ``optimization_results.yaml``."""
+    """The content of ``optimization_results.yaml`` (with pruning: ``n_pruned`` and
+    ``user_evaluations``, the users evaluated by all trials together)."""
     n_ok = sum(r.get("status") == "ok" for r in records.values())
     results: dict[str, Any] = {
         "name": "milp_nevergrad",
@@ -305,6 +275,11 @@ def results_summary(
         "best_evaluated_params": None if best is None else best["params"],
         "best_evaluated_result": None if best is None else best["objective"],
     }
+    if pruning:
+        results["n_pruned"] = sum(bool(r.get("pruned")) for r in records.values())
+        results["user_evaluations"] = sum(
+            int(r.get("users_evaluated") or 0) for r in records.values()
+        )
     if final is not None:
         results["final_overrides"] = list(final_overrides)
         results["test_result"] = final["objective"]

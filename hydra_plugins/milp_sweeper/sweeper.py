@@ -40,10 +40,11 @@ from hydra_plugins.milp_sweeper._overrides import (
     param_name,
     to_native,
 )
+from hydra_plugins.milp_sweeper._pruning import progress_fields, write_history
 from hydra_plugins.milp_sweeper._search_space import SearchSpace, make_optimizer
+from hydra_plugins.milp_sweeper._tell import LossBook
 from hydra_plugins.milp_sweeper._trial_log import (
     FINAL_FILE,
-    LossBook,
     ReplayMismatch,
     TimedTask,
     Trial,
@@ -71,8 +72,10 @@ class MilpNevergradSweeper(Sweeper):
         trials_file: str = "trials.jsonl",
         wandb: Mapping[str, Any] | None = None,
         final_overrides: Sequence[str] | None = None,
+        pruning: Mapping[str, Any] | None = None,
     ) -> None:
         self.optim = _plain(optim)
+        self.pruning = _plain(pruning or {})
         self.params = _plain(params or {})
         self.trials_file = trials_file
         self.wandb = _plain(wandb or {})
@@ -114,6 +117,7 @@ class MilpNevergradSweeper(Sweeper):
             trials_file=self.trials_file,
             wandb=self.wandb,
             final_overrides=self.final_overrides,
+            pruning=self.pruning,
         )
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +211,7 @@ class MilpNevergradSweeper(Sweeper):
             batch = [self._ask(optimizer, n) for n in range(num, min(num + num_workers, end))]
             if replay:
                 check_replay(self.records, batch)
-            self._launch([t for t in batch if t.num not in self.records])
+            self._launch([t for t in batch if t.num not in self.records], batch_first=num)
             for trial in batch:
                 self._tell(optimizer, trial.candidate, self.records[trial.num])
             num += len(batch)
@@ -242,15 +246,28 @@ class MilpNevergradSweeper(Sweeper):
             told += 1
         return told
 
-    def _launch(self, trials: Sequence[Trial]) -> None:
-        """Launch trials (contiguous job numbers per launch) and log each result."""
+    def _launch(self, trials: Sequence[Trial], batch_first: int) -> None:
+        """Launch trials (contiguous job numbers per launch) and log each result. With
+        pruning, every trial of the batch starting at ``batch_first`` gets the same
+        history: the trials logged below ``batch_first``."""
+        extra = list(self.launch_extra)
+        if trials and self.pruning.get("enabled"):
+            history = write_history(
+                self.sweep_dir,
+                batch_first,
+                self.records,
+                self.pruning,
+                maximize=bool(self.optim["maximize"]),
+                seed=self.optim.get("seed"),
+            )
+            extra.append(f"{self.pruning['trial_key']}={format_value(str(history))}")
         for group in _contiguous(trials):
             nums = f"#{group[0].num}" + (f"..#{group[-1].num}" if len(group) > 1 else "")
             log.info("Launching batch of %d trial(s): %s", len(group), nums)
             assert self.launcher is not None
             self._launched += len(group)
             results = self.launcher.launch(
-                [t.overrides + self.launch_extra for t in group], initial_job_idx=group[0].num
+                [t.overrides + extra for t in group], initial_job_idx=group[0].num
             )
             for trial, result in zip(group, results, strict=True):
                 self._record(trial, result)
@@ -258,9 +275,19 @@ class MilpNevergradSweeper(Sweeper):
     def _record(self, trial: Trial, result: JobReturn) -> None:
         """Append the trial's record to the log (durably) and report it."""
         record = job_record(trial, result)
+        if self.pruning.get("enabled"):
+            record |= progress_fields(record["job_dir"])
         append_jsonl(self.trial_log_path, record)
         self.records[trial.num] = record
-        if record["error"] is None:
+        if record.get("pruned"):
+            log.info(
+                "Trial %d: stopped after %d users, objective so far %.6g  %s",
+                trial.num,
+                record["users_evaluated"],
+                record["objective"],
+                trial.params,
+            )
+        elif record["error"] is None:
             log.info("Trial %d: objective %.6g  %s", trial.num, record["objective"], trial.params)
         else:
             log.warning("Trial %d failed (search goes on): %s", trial.num, record["error"])
@@ -342,7 +369,14 @@ class MilpNevergradSweeper(Sweeper):
         self, best: Mapping[str, Any] | None, final: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """Write best.yaml and optimization_results.yaml; the W&B summary run."""
-        results = results_summary(self.optim, self.records, best, final, self.final_overrides)
+        results = results_summary(
+            self.optim,
+            self.records,
+            best,
+            final,
+            self.final_overrides,
+            pruning=bool(self.pruning.get("enabled")),
+        )
         previous = write_summary(self.sweep_dir, results, best, self.space)
         if self.wandb.get("enabled"):
             if self._launched or previous != results:
