@@ -157,6 +157,7 @@ def test_milp_bo_space_is_the_paper_space_on_dev_users(default_llama):
     assert sweeper.wandb.mode == "offline" and cfg.logger.mode == "offline"
     assert (sweeper.optim.optimizer, sweeper.optim.seed) == ("BO", 0)
     assert 20 <= sweeper.optim.budget <= 30
+    assert sweeper.pruning.enabled and sweeper.pruning.trial_key in cfg  # pruned by default
 
     params = OmegaConf.to_container(sweeper.params)
     space = build_search_space(params, [], OverridesParser.create())
@@ -243,23 +244,44 @@ def test_ablate_script_fixes_the_best_and_varies_one_dimension(tmp_path, capsys)
     assert ablate.group_overrides("rank", [*rank, "logger=csv"]) == []
 
 
-def test_bench_helpers_on_a_lookup_table():
+def synthetic_grid(bench) -> dict:
+    """A grid in bench_grid.json's layout whose per-user metrics follow a smooth function
+    of the configuration plus a fixed per-user offset (a synthetic sanity check)."""
+    offsets = {"u0": 0.04, "u1": -0.02, "u2": 0.01, "u3": -0.03}
+    configs = []
+    for config in bench.grid_configs():
+        entry = dict(zip(bench.SPACE, config, strict=True))
+        score = 0.5 + 0.1 * (entry["memory.window_start"] == 2) + 0.05 * entry["memory.rank"] / 8
+        score += 0.05 * (entry["memory.target_modules"] == "ffn") + 2 * entry["optim.lr"]
+        users = {u: {n: score + d for n in ("rouge1", "rougeL")} for u, d in offsets.items()}
+        for metrics in users.values():
+            metrics.update(bleu=0.0, persona_p=0.0, persona_r=0.0, persona_f1=0.0, examples=3)
+        configs.append(entry | {"objective": score, "seconds": 1.0, "users": users})
+    return {"configs": configs}
+
+
+def test_bench_replays_the_sweeper_with_and_without_pruning():
     bench = load_script("bench_search.py")
-    assert bench.best_so_far([0.1, 0.3, 0.2, 0.5]) == [0.1, 0.3, 0.3, 0.5]
-    assert bench.trials_to_reach([0.1, 0.3, 0.3, 0.5], 0.3) == 2
-    assert bench.trials_to_reach([0.1], 0.3) is None
-    assert len(bench.grid_configs()) == 32
-    # A synthetic grid: the optimizers search it through the sweeper's search-space code.
-    grid = {
-        "configs": [
-            dict(zip(bench.SPACE, c, strict=True), objective=c[0] / 8 + c[2] / 10)
-            for c in bench.grid_configs()
-        ]
-    }
-    objective = bench.lookup_fn(grid)
-    first = bench.run_optimizer("RandomSearch", 3, 6, objective)
-    assert first == bench.run_optimizer("RandomSearch", 3, 6, objective)  # seeded
-    assert all(v in {c["objective"] for c in grid["configs"]} for v in first)
+    assert len(bench.grid_configs()) == 192
+    grid = synthetic_grid(bench)
+    optimum = max(c["objective"] for c in grid["configs"])
+    order = bench.seeded_order(["u0", "u1", "u2", "u3"], 0)
+    curve = bench.running_curve(grid["configs"][0]["users"], order)
+    assert curve[-1] == pytest.approx(grid["configs"][0]["objective"])  # offsets average out
+
+    first = bench.replay(grid, "RandomSearch", 3, 60, None)
+    assert first == bench.replay(grid, "RandomSearch", 3, 60, None)  # seeded
+    assert [t["cost"] for t in first["trials"]] == [
+        4 * (i + 1) for i in range(len(first["trials"]))
+    ]
+    pruned = bench.replay(grid, "RandomSearch", 3, 60, bench.PruneRule(min_trials=2))
+    assert any(t["pruned"] for t in pruned["trials"])
+    assert all(t["best"] is None or t["best"] <= optimum for t in pruned["trials"])
+    stopped = [t for t in pruned["trials"] if t["pruned"]]
+    assert len(pruned["trials"]) > len(first["trials"]) or not stopped  # cheaper trials
+    reached = bench.cost_to_reach(first, 0.9 * optimum)
+    assert reached is None or reached % 4 == 0
+    assert bench.best_at(first, 0) is None
 
 
 # ---- the milp app through the real CLI -------------------------------------------------
@@ -370,3 +392,44 @@ def test_killed_milp_sweep_resumes_with_the_remaining_trials_only(milp_cache, tm
     assert "Launching" not in output
     assert json.loads((sweep / "final_evaluation.json").read_text()) == final
     assert not list(sweep.glob("*/wandb"))
+
+
+@pytest.mark.slow
+def test_killed_pruned_milp_sweep_resumes_to_the_uninterrupted_log(milp_cache, tmp_path):
+    """milp.train's pruning hook: trials stop after a user, metrics.json says so, and a
+    sweep killed inside a trial resumes to the uninterrupted sweep's log and best.yaml."""
+    args = [
+        *TINY_BO,
+        "data.users.max_users=3",
+        "logger=none",
+        "hydra.sweeper.optim.budget=6",
+        "hydra.sweeper.pruning.min_trials=2",
+        "hydra.sweeper.final_overrides=[]",
+        "hydra.sweeper.wandb.enabled=false",
+    ]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_milp([*args, f"hydra.sweep.dir={full}"], milp_cache, timeout=900)
+    process = start_milp([*args, f"hydra.sweep.dir={killed}"], milp_cache)
+    progress = killed / "3" / "pruning.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait for trial 3's first finished user (a file event)
+        if progress.is_file() and json.loads(progress.read_text())["users_evaluated"] >= 1:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert len(read_trials(killed)) < 6
+    run_milp([*args, f"hydra.sweep.dir={killed}"], milp_cache, timeout=900)
+
+    keys = ("trial", "status", "objective", "params", "pruned", "users_evaluated", "running")
+    essence = [[t[k] for k in keys] for t in read_trials(full)]
+    assert [[t[k] for k in keys] for t in read_trials(killed)] == essence
+    assert yaml.safe_load((killed / "best.yaml").read_text()) == yaml.safe_load(
+        (full / "best.yaml").read_text()
+    )
+    for trial in read_trials(full):
+        metrics = json.loads((full / str(trial["trial"]) / "metrics.json").read_text())
+        assert metrics["objective"] == trial["objective"]
+        assert metrics["users"] == trial["users_evaluated"]
+        assert metrics["pruned"] == trial["pruned"]
+        assert metrics["users_evaluated"] == trial["users_evaluated"]

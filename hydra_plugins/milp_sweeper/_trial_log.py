@@ -219,6 +219,22 @@ def best_record(
     return min(ok, key=lambda r: (sign * float(r["objective"]), int(r["trial"])))
 
 
+def log_best(records: Mapping[int, Mapping[str, Any]], best: Mapping[str, Any] | None) -> None:
+    """Report the best trial (or that none succeeded)."""
+    n_failed = sum(r.get("status") != "ok" for r in records.values())
+    if best is None:
+        log.warning("No trial succeeded (%d failed); no best.yaml", len(records))
+        return
+    log.info(
+        "Best trial %d of %d (%d failed): objective %.6g with %s",
+        best["trial"],
+        len(records),
+        n_failed,
+        best["objective"],
+        " ".join(best["overrides"]),
+    )
+
+
 def override_mapping(space: SearchSpace, record: Mapping[str, Any]) -> dict[str, Any]:
     """key -> value of everything a trial overrode (fixed values, then searched)."""
     mapping = {f.key: to_native(f.value) for f in space.fixed.values() if f.key[0] != "~"}

@@ -4,15 +4,26 @@ Contract: ``log_wandb_summary`` writes one run, offline (``mode`` is checked to 
 ``offline`` or ``disabled`` before any trial), under ``$WANDB_DIR`` or the sweep dir, in
 group ``wandb.group`` (default: the sweep dir's name): ``objective`` and ``best_so_far``
 per trial, a trials table, and the best params (and the final ``test_result``) in its
-summary. wandb is imported only here, only when enabled; the caller logs a W&B failure
-instead of failing a finished sweep.
+summary. wandb is imported only here, only when enabled; ``write_summary_run`` logs a
+W&B failure instead of failing a finished sweep.
 """
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_summary_run(**kwargs: Any) -> None:
+    """``log_wandb_summary``; a W&B problem is logged, it must not fail a finished sweep."""
+    try:
+        log_wandb_summary(**kwargs)
+    except Exception as err:
+        log.warning("W&B summary run failed: %s", err)
 
 
 def log_wandb_summary(

@@ -52,12 +52,14 @@ from hydra_plugins.milp_sweeper._trial_log import (
     best_record,
     check_replay,
     job_record,
+    log_best,
     read_json,
     read_trial_log,
     results_summary,
     write_atomic,
     write_summary,
 )
+from hydra_plugins.milp_sweeper._wandb import write_summary_run
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ class MilpNevergradSweeper(Sweeper):
         else:
             log.info("All %d trials are already in %s", budget, self.trial_log_path)
         best = best_record(self.records, maximize=bool(self.optim["maximize"]))
-        self._log_best(best)
+        log_best(self.records, best)
         final = self._final_evaluation(best) if self.final_overrides and best else None
         return self._finish(best, final)
 
@@ -294,21 +296,6 @@ class MilpNevergradSweeper(Sweeper):
 
     # ---- end of sweep -------------------------------------------------------------
 
-    def _log_best(self, best: Mapping[str, Any] | None) -> None:
-        """Report the best trial (or that none succeeded)."""
-        n_failed = sum(r.get("status") != "ok" for r in self.records.values())
-        if best is None:
-            log.warning("No trial succeeded (%d failed); no best.yaml", len(self.records))
-            return
-        log.info(
-            "Best trial %d of %d (%d failed): objective %.6g with %s",
-            best["trial"],
-            len(self.records),
-            n_failed,
-            best["objective"],
-            " ".join(best["overrides"]),
-        )
-
     def _final_evaluation(self, best: Mapping[str, Any]) -> dict[str, Any]:
         """Run the best trial once more with ``final_overrides`` (e.g. ``split=test``).
 
@@ -380,29 +367,18 @@ class MilpNevergradSweeper(Sweeper):
         previous = write_summary(self.sweep_dir, results, best, self.space)
         if self.wandb.get("enabled"):
             if self._launched or previous != results:
-                self._wandb_summary(best, final)
+                write_summary_run(
+                    settings=self.wandb,
+                    sweep_dir=self.sweep_dir,
+                    records=[self.records[n] for n in sorted(self.records)],
+                    best=best,
+                    run_config={"optim": self.optim, "search_space": list(self.space.params)},
+                    maximize=bool(self.optim["maximize"]),
+                    final=final,
+                )
             else:
                 log.info("Nothing new since the last W&B summary run; not writing another")
         return results
-
-    def _wandb_summary(
-        self, best: Mapping[str, Any] | None, final: Mapping[str, Any] | None
-    ) -> None:
-        """The offline W&B summary run; a W&B problem must not fail a finished sweep."""
-        from hydra_plugins.milp_sweeper._wandb import log_wandb_summary
-
-        try:
-            log_wandb_summary(
-                settings=self.wandb,
-                sweep_dir=self.sweep_dir,
-                records=[self.records[n] for n in sorted(self.records)],
-                best=best,
-                run_config={"optim": self.optim, "search_space": list(self.space.params)},
-                maximize=bool(self.optim["maximize"]),
-                final=final,
-            )
-        except Exception as err:
-            log.warning("W&B summary run failed: %s", err)
 
 
 def _plain(node: Any) -> Any:
