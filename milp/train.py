@@ -29,14 +29,15 @@ from milp.inject import Injector, TrainedUser
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
 from milp.metrics import METRIC_NAMES
 from milp.models.hf import BaseModel
-from milp.report import format_table, summarize, table_rows
+from milp.prune import Pruner
+from milp.report import average, format_table, summarize, table_rows
 from milp.shard import current_shard
 from milp.store import RunStore, config_fingerprint
 
 log = logging.getLogger("milp")
 
 # Settings that do not change a user's results, left out of the run's fingerprint.
-VOLATILE_KEYS = ("logger", "paths", "callbacks")
+VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -137,8 +138,19 @@ def run(cfg: DictConfig) -> float | None:
         )
 
     users = shard.users(datamodule.users, datamodule.batch_size)
+    # A search trial with pruning (milp/prune.py) takes its users in a fixed, seeded order
+    # and stops after the first user at which it trails the completed trials.
+    pruner = Pruner.from_config(
+        cfg.get("prune_file"),
+        lambda results: (average(results, "memory") or {}).get(cfg.objective),
+        output_dir,
+        shard.world_size,
+    )
+    users = pruner.order(users) if pruner else users
     done = {u.user_id: store.load_result(u) for u in users if store.is_done(u)}
     todo = [u for u in users if u.user_id not in done]
+    if pruner and pruner.should_stop(done):  # a resumed trial that had stopped already
+        todo = []
     progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
     for index, trained in enumerate(injector.run(todo), start=len(done)):
         user = trained.user
@@ -150,12 +162,16 @@ def run(cfg: DictConfig) -> float | None:
         if shard.is_main:
             results = [done[u.user_id] for u in users if u.user_id in done]
             store.write_outputs(results, summary_of(results))
+        if pruner and pruner.should_stop(done):
+            break
     progress.close()
 
     shard.wait_for_all()
     if not shard.is_main:
         return None
     users = datamodule.users
+    if pruner:  # a stopped trial's objective is over the users it evaluated
+        users = [u for u in users if u.user_id in pruner.evaluated]
     missing = [u.user_id for u in users if u.user_id not in done and not store.is_done(u)]
     if missing:
         raise MilpError(
@@ -163,7 +179,7 @@ def run(cfg: DictConfig) -> float | None:
             "all processes of a run must share one hydra.run.dir"
         )
     results = [done.get(u.user_id) or store.load_result(u) for u in users]
-    summary = summary_of(results)
+    summary = summary_of(results) | (pruner.summary() if pruner else {})
     store.write_outputs(results, summary)
     rows = table_rows(summary, memory, datamodule.retrieval_k)
     print(f"\n{datamodule.name} / split {cfg.split} / {len(users)} users\n{format_table(rows)}")

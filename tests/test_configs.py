@@ -142,3 +142,13 @@ def test_memory_none_and_a_method_replace_the_experiments_memory(cache):
     assert instantiate(composed("+experiment=lamp", "memory=none").memory).num_loras == 0
     oppu = instantiate(composed("+experiment=lamp", "+method=oppu").memory)
     assert (oppu.num_loras, oppu.target_modules) == (1, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("option", options(ROOT / "sweeps"))
+def test_every_sweep_composes_with_its_sweeper(option, cache):
+    cfg = composed("+experiment=lamp", f"+sweep={option}", hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert callable(get_object(sweeper._target_))
+    assert sweeper.params, "a sweep searches something"
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key.lstrip("+"), default="absent") != "absent", key

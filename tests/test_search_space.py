@@ -1,16 +1,17 @@
-"""The memory-injection search space (sweeps/, conf/sweep) on the real milp app.
+"""The memory-injection search space (sweeps/) on the real milp app.
 
-Fast: the sweep configs compose through Hydra's ``+sweep=`` group (a symlink to
-``sweeps/``), every value they can propose is a valid memory placement on the default
-model's architecture, a bad sweep config stops the milp app before any trial, and a tiny
-BO sweep through the real CLI logs its trials, writes best.yaml and evaluates the best once
-on the test users. Slow: a killed sweep resumes with the remaining trials only.
+Fast: the sweep configs compose through Hydra's ``+sweep=`` group (the ``sweeps/`` folder,
+read through ``hydra_plugins/milp_sweeps`` from any working directory), every value they
+can propose is a valid memory placement on the default model's architecture, a bad sweep
+config stops the milp app before any trial, and a tiny BO sweep through the real CLI logs
+its trials, writes best.yaml and evaluates the best once on the test users. Slow: a killed
+sweep resumes with the remaining trials only.
 """
 
 import importlib.util
 import json
-import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
+from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp, start_milp
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hydra_plugins.milp_sweeper.sweeper import build_search_space, nevergrad_parameter
+from hydra_plugins.milp_sweeper._search_space import build_search_space, nevergrad_parameter
 from milp.memory import place_memory
 
 SWEEPS = ROOT / "sweeps"
@@ -101,12 +102,47 @@ def read_trials(sweep_dir: Path) -> list[dict]:
 # ---- the configs -----------------------------------------------------------------------
 
 
-def test_sweep_group_is_a_relative_symlink_to_sweeps():
-    link = ROOT / "conf" / "sweep"
-    assert link.is_symlink() and os.readlink(link) == "../sweeps"
-    assert sorted(p.name for p in link.glob("*.yaml")) == sorted(
-        p.name for p in SWEEPS.glob("*.yaml")
+def test_sweep_group_is_the_sweeps_folder_from_any_working_directory(tmp_path):
+    """`+sweep=<name>` selects sweeps/<name>.yaml (hydra_plugins/milp_sweeps), run from a
+    directory that is not the checkout, and the tree holds no symlink for it."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=False
     )
+    if tracked.returncode == 0:
+        links = [line.split()[-1] for line in tracked.stdout.splitlines() if line[:6] == "120000"]
+        assert not links, f"symlinks in the tree: {links}"
+    assert not (ROOT / "conf" / "sweep").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "milp.train", "+sweep=nope", "--cfg", "job"],
+        cwd=tmp_path,
+        env=milp_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    listed = result.stdout + result.stderr
+    available = listed.split("Available options in 'sweep':", 1)[1].split("Config search")[0]
+    assert sorted(available.split()) == sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "milp.train",
+            "+experiment=lamp",
+            "+sweep=milp_bo",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.sweeper.optim",
+        ],
+        cwd=tmp_path,
+        env=milp_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["optimizer"] == "BO"
 
 
 def test_milp_bo_space_is_the_paper_space_on_dev_users(default_llama):
@@ -121,9 +157,10 @@ def test_milp_bo_space_is_the_paper_space_on_dev_users(default_llama):
     assert sweeper.wandb.mode == "offline" and cfg.logger.mode == "offline"
     assert (sweeper.optim.optimizer, sweeper.optim.seed) == ("BO", 0)
     assert 20 <= sweeper.optim.budget <= 30
+    assert sweeper.pruning.enabled and sweeper.pruning.trial_key in cfg  # pruned by default
 
-    parametrization = OmegaConf.to_container(sweeper.parametrization)
-    space = build_search_space(parametrization, [], OverridesParser.create())
+    params = OmegaConf.to_container(sweeper.params)
+    space = build_search_space(params, [], OverridesParser.create())
     assert set(space.params) == MILP_BO_DIMENSIONS
     assert not space.fixed
     for spec in space.params.values():
@@ -207,23 +244,44 @@ def test_ablate_script_fixes_the_best_and_varies_one_dimension(tmp_path, capsys)
     assert ablate.group_overrides("rank", [*rank, "logger=csv"]) == []
 
 
-def test_bench_helpers_on_a_lookup_table():
+def synthetic_grid(bench) -> dict:
+    """A grid in bench_grid.json's layout whose per-user metrics follow a smooth function
+    of the configuration plus a fixed per-user offset (a synthetic sanity check)."""
+    offsets = {"u0": 0.04, "u1": -0.02, "u2": 0.01, "u3": -0.03}
+    configs = []
+    for config in bench.grid_configs():
+        entry = dict(zip(bench.SPACE, config, strict=True))
+        score = 0.5 + 0.1 * (entry["memory.window_start"] == 2) + 0.05 * entry["memory.rank"] / 8
+        score += 0.05 * (entry["memory.target_modules"] == "ffn") + 2 * entry["optim.lr"]
+        users = {u: {n: score + d for n in ("rouge1", "rougeL")} for u, d in offsets.items()}
+        for metrics in users.values():
+            metrics.update(bleu=0.0, persona_p=0.0, persona_r=0.0, persona_f1=0.0, examples=3)
+        configs.append(entry | {"objective": score, "seconds": 1.0, "users": users})
+    return {"configs": configs}
+
+
+def test_bench_replays_the_sweeper_with_and_without_pruning():
     bench = load_script("bench_search.py")
-    assert bench.best_so_far([0.1, 0.3, 0.2, 0.5]) == [0.1, 0.3, 0.3, 0.5]
-    assert bench.trials_to_reach([0.1, 0.3, 0.3, 0.5], 0.3) == 2
-    assert bench.trials_to_reach([0.1], 0.3) is None
-    assert len(bench.grid_configs()) == 32
-    # A synthetic grid: the optimizers search it through the sweeper's parametrization.
-    grid = {
-        "configs": [
-            dict(zip(bench.SPACE, c, strict=True), objective=c[0] / 8 + c[2] / 10)
-            for c in bench.grid_configs()
-        ]
-    }
-    objective = bench.lookup_fn(grid)
-    first = bench.run_optimizer("RandomSearch", 3, 6, objective)
-    assert first == bench.run_optimizer("RandomSearch", 3, 6, objective)  # seeded
-    assert all(v in {c["objective"] for c in grid["configs"]} for v in first)
+    assert len(bench.grid_configs()) == 192
+    grid = synthetic_grid(bench)
+    optimum = max(c["objective"] for c in grid["configs"])
+    order = bench.seeded_order(["u0", "u1", "u2", "u3"], 0)
+    curve = bench.running_curve(grid["configs"][0]["users"], order)
+    assert curve[-1] == pytest.approx(grid["configs"][0]["objective"])  # offsets average out
+
+    first = bench.replay(grid, "RandomSearch", 3, 60, None)
+    assert first == bench.replay(grid, "RandomSearch", 3, 60, None)  # seeded
+    assert [t["cost"] for t in first["trials"]] == [
+        4 * (i + 1) for i in range(len(first["trials"]))
+    ]
+    pruned = bench.replay(grid, "RandomSearch", 3, 60, bench.PruneRule(min_trials=2))
+    assert any(t["pruned"] for t in pruned["trials"])
+    assert all(t["best"] is None or t["best"] <= optimum for t in pruned["trials"])
+    stopped = [t for t in pruned["trials"] if t["pruned"]]
+    assert len(pruned["trials"]) > len(first["trials"]) or not stopped  # cheaper trials
+    reached = bench.cost_to_reach(first, 0.9 * optimum)
+    assert reached is None or reached % 4 == 0
+    assert bench.best_at(first, 0) is None
 
 
 # ---- the milp app through the real CLI -------------------------------------------------
@@ -238,7 +296,7 @@ def test_bench_helpers_on_a_lookup_table():
             "unknown nevergrad optimizer 'BOO'",
             marks=pytest.mark.slow,
         ),
-        pytest.param("+hydra.sweeper.parametrization.seed=[]", "seed", marks=pytest.mark.slow),
+        pytest.param("+hydra.sweeper.params.seed=[]", "seed", marks=pytest.mark.slow),
         pytest.param("memory.rank=interval(16,1)", "memory.rank", marks=pytest.mark.slow),
     ],
     ids=["unknown-key", "optimizer", "empty-choices", "lower>upper"],
@@ -334,3 +392,44 @@ def test_killed_milp_sweep_resumes_with_the_remaining_trials_only(milp_cache, tm
     assert "Launching" not in output
     assert json.loads((sweep / "final_evaluation.json").read_text()) == final
     assert not list(sweep.glob("*/wandb"))
+
+
+@pytest.mark.slow
+def test_killed_pruned_milp_sweep_resumes_to_the_uninterrupted_log(milp_cache, tmp_path):
+    """milp.train's pruning hook: trials stop after a user, metrics.json says so, and a
+    sweep killed inside a trial resumes to the uninterrupted sweep's log and best.yaml."""
+    args = [
+        *TINY_BO,
+        "data.users.max_users=3",
+        "logger=none",
+        "hydra.sweeper.optim.budget=6",
+        "hydra.sweeper.pruning.min_trials=2",
+        "hydra.sweeper.final_overrides=[]",
+        "hydra.sweeper.wandb.enabled=false",
+    ]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_milp([*args, f"hydra.sweep.dir={full}"], milp_cache, timeout=900)
+    process = start_milp([*args, f"hydra.sweep.dir={killed}"], milp_cache)
+    progress = killed / "3" / "pruning.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait for trial 3's first finished user (a file event)
+        if progress.is_file() and json.loads(progress.read_text())["users_evaluated"] >= 1:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert len(read_trials(killed)) < 6
+    run_milp([*args, f"hydra.sweep.dir={killed}"], milp_cache, timeout=900)
+
+    keys = ("trial", "status", "objective", "params", "pruned", "users_evaluated", "running")
+    essence = [[t[k] for k in keys] for t in read_trials(full)]
+    assert [[t[k] for k in keys] for t in read_trials(killed)] == essence
+    assert yaml.safe_load((killed / "best.yaml").read_text()) == yaml.safe_load(
+        (full / "best.yaml").read_text()
+    )
+    for trial in read_trials(full):
+        metrics = json.loads((full / str(trial["trial"]) / "metrics.json").read_text())
+        assert metrics["objective"] == trial["objective"]
+        assert metrics["users"] == trial["users_evaluated"]
+        assert metrics["pruned"] == trial["pruned"]
+        assert metrics["users_evaluated"] == trial["users_evaluated"]

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from hydra_plugins.milp_sweeper.sweeper import append_jsonl, format_value, read_trial_log
+from hydra_plugins.milp_sweeper._overrides import format_value
+from hydra_plugins.milp_sweeper._trial_log import append_jsonl, read_trial_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = Path(__file__).parent / "toy_app" / "toy.py"
@@ -155,7 +156,7 @@ def test_bo_finds_good_point_and_writes_results(tmp_path):
     assert results["best_evaluated_params"] == trials[best["trial"]]["params"]
 
 
-def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
+def test_yaml_params_random_search_is_reproducible(tmp_path):
     """The YAML config surface with RandomSearch; the same seed gives the same trials."""
     args = (RANDOM, "hydra.sweeper.optim.budget=6", "optim.lr=0.005")  # lr: fixed value
     procs = [start_toy(tmp_path / n, *args, config_name="search") for n in ("a", "b")]
@@ -186,10 +187,10 @@ def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
     ("overrides", "named"),
     [
         (["hydra.sweeper.optim.optimizer=NoSuchOptimizer"], "hydra.sweeper.optim.optimizer"),
-        (["+hydra.sweeper.parametrization.model=[]"], "model"),
-        (["+hydra.sweeper.parametrization.x={lower:1.0,upper:0.5}"], "x"),
+        (["+hydra.sweeper.params.model=[]"], "model"),
+        (["+hydra.sweeper.params.x={lower:1.0,upper:0.5}"], "x"),
         (["optim.lr=tag(log,interval(0,0.01))"], "optim.lr"),
-        (["+hydra.sweeper.parametrization.x={lower:0,upper:1,sigma:2}"], "x"),
+        (["+hydra.sweeper.params.x={lower:0,upper:1,sigma:2}"], "x"),
         (["hydra.sweeper.optim.budget=0"], "hydra.sweeper.optim.budget"),
         (["hydra.sweeper.optim.num_workers=0"], "hydra.sweeper.optim.num_workers"),
         (["memory.rnak=2,4"], "memory.rnak"),
@@ -197,6 +198,14 @@ def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
         (["hydra.sweeper.wandb.enabled=true", "hydra.sweeper.wandb.mode=online"], "wandb.mode"),
         (['hydra.sweeper.final_overrides=["x=0.1,0.2"]'], "hydra.sweeper.final_overrides"),
         (['hydra.sweeper.final_overrides=["nokey=1"]'], "hydra.sweeper.final_overrides"),
+        (
+            ["hydra.sweeper.pruning.enabled=true", "hydra.sweeper.pruning.percentile=100"],
+            "percentile",
+        ),
+        (
+            ["hydra.sweeper.pruning.enabled=true", "hydra.sweeper.pruning.trial_key=nokey"],
+            "trial_key",
+        ),
     ],
     ids=[
         "optimizer",
@@ -211,6 +220,8 @@ def test_yaml_parametrization_random_search_is_reproducible(tmp_path):
         "wandb-online",
         "final-sweep",
         "final-unknown-key",
+        "pruning-percentile",
+        "pruning-unknown-key",
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, overrides, named):
@@ -350,3 +361,54 @@ def test_final_overrides_evaluate_the_best_once(tmp_path):
     again = run_toy(sweep, *args, TOY_CALL_LOG=str(calls))
     assert "already done" in again and not calls.exists()
     assert load_yaml(sweep / "optimization_results.yaml")["test_result"] == results["test_result"]
+
+
+PRUNED = (
+    *XR,
+    "users=6",
+    "hydra.sweeper.optim.budget=8",
+    "hydra.sweeper.pruning.enabled=true",
+    "hydra.sweeper.pruning.min_trials=2",
+)
+
+
+def trial_essence(sweep_dir: Path) -> list[tuple]:
+    """What a resumed sweep must reproduce, trial by trial (not times or directories)."""
+    keys = ("trial", "status", "objective", "params", "overrides", "pruned", "users_evaluated")
+    return [(*(t[k] for k in keys), t["running"]) for t in read_trials(sweep_dir)]
+
+
+def test_pruned_sweep_stops_bad_trials_and_resumes_exactly(tmp_path):
+    """With pruning, trials that trail the completed ones after a user stop early: they are
+    logged with the users they used and their running objective, never become the best;
+    a sweep killed in the middle of a trial resumes to the uninterrupted sweep's log,
+    best.yaml and optimization_results.yaml."""
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    reference = start_toy(full, *PRUNED)
+    finish(start_toy(killed, *PRUNED, TOY_KILL_AT_USER="5:2"), expect_rc=None)
+    assert [t["trial"] for t in read_trials(killed)] == [0, 1, 2, 3, 4]
+    progress = json.loads((killed / "5" / "pruning.json").read_text())
+    assert progress["users_evaluated"] >= 1 and not progress["pruned"]  # killed mid-trial
+
+    run_toy(killed, *PRUNED)
+    finish(reference)
+    assert trial_essence(killed) == trial_essence(full)
+    assert load_yaml(killed / "best.yaml") == load_yaml(full / "best.yaml")
+    results = load_yaml(killed / "optimization_results.yaml")
+    assert results == load_yaml(full / "optimization_results.yaml")
+
+    trials = read_trials(full)
+    pruned = [t for t in trials if t["pruned"]]
+    assert pruned, "some trial must have been stopped early"
+    for trial in trials:
+        assert trial["users_evaluated"] == len(trial["running"])
+        assert trial["objective"] == pytest.approx(trial["running"][-1])
+    assert all(t["users_evaluated"] < 6 for t in pruned)
+    assert all(t["users_evaluated"] == 6 for t in trials if not t["pruned"])
+    assert not trials[load_yaml(full / "best.yaml")["trial"]]["pruned"]
+    assert results["n_pruned"] == len(pruned)
+    assert results["user_evaluations"] == sum(t["users_evaluated"] for t in trials)
+    # The first min_trials trials cannot be stopped: nothing to compare them with.
+    assert not any(t["pruned"] for t in trials[:2])
+    history = json.loads((full / "pruning" / "before-trial7.json").read_text())
+    assert len(history["completed"]) == sum(not t["pruned"] for t in trials[:7])

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from hydra_plugins.milp_sweeper.sweeper import format_value
+from hydra_plugins.milp_sweeper._overrides import format_value
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hydra_plugins.milp_sweeper.sweeper import ChoiceParam, ScalarParam, nevergrad_parameter
+from hydra_plugins.milp_sweeper._search_space import ChoiceParam, ScalarParam, nevergrad_parameter
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -47,6 +47,22 @@ class WandbConf:
 
 
 @dataclass
+class PruningConf:
+    """Stop trials early (multi-fidelity pruning; the trial decides, e.g. milp/prune.py)."""
+
+    enabled: bool = False
+    # After k users, a trial stops if its running objective is worse than this percentile
+    # of the completed trials' running objectives after the same k users (50: median).
+    percentile: float = 50.0
+    # Never stop before this many users are evaluated.
+    min_users: int = 1
+    # Stop only once this many trials have evaluated all their users.
+    min_trials: int = 3
+    # Task config key that receives the path of the JSON the trial decides from.
+    trial_key: str = "prune_file"
+
+
+@dataclass
 class MilpNevergradSweeperConf:
     """Config node ``hydra.sweeper`` for ``hydra/sweeper=milp_nevergrad``."""
 
@@ -55,7 +71,7 @@ class MilpNevergradSweeperConf:
     # key -> list of choices | {lower, upper, log, integer, init, step} | sweep string
     # (e.g. "interval(0,1)") | plain value (fixed for every trial). default_factory, not a
     # mutable default: that is what breaks the published plugin on Python 3.11.
-    parametrization: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     # JSON-lines trial log, relative to hydra.sweep.dir; also what a re-run resumes from.
     trials_file: str = "trials.jsonl"
     wandb: WandbConf = field(default_factory=WandbConf)
@@ -63,6 +79,7 @@ class MilpNevergradSweeperConf:
     # [split=test]: the held-out evaluation); its objective is recorded as test_result in
     # optimization_results.yaml. Empty: no final evaluation.
     final_overrides: list[str] = field(default_factory=list)
+    pruning: PruningConf = field(default_factory=PruningConf)
 
 
 ConfigStore.instance().store(
