@@ -51,7 +51,7 @@ sweep:
 ablate:
 	$(PYTHON) experiments/search/ablate.py $(ARGS)
 
-# Grid vs. RandomSearch vs. BO on a 32-configuration space (grid cached after one run).
+# BO vs. RandomSearch, with and without pruning, replayed on a cached 192-configuration grid.
 bench-search:
 	$(PYTHON) experiments/search/bench_search.py $(ARGS)
 

@@ -87,8 +87,12 @@ def default_llama() -> LlamaForCausalLM:
 
 
 def load_script(name: str):
-    """Import experiments/search/<name>.py (a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "search" / name)
+    """Import experiments/search/<name>.py (a script folder, not a package; its scripts
+    import each other as run from there)."""
+    folder = ROOT / "experiments" / "search"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -247,10 +251,11 @@ def test_ablate_script_fixes_the_best_and_varies_one_dimension(tmp_path, capsys)
 def synthetic_grid(bench) -> dict:
     """A grid in bench_grid.json's layout whose per-user metrics follow a smooth function
     of the configuration plus a fixed per-user offset (a synthetic sanity check)."""
+    grid_module = load_script("bench_grid.py")
     offsets = {"u0": 0.04, "u1": -0.02, "u2": 0.01, "u3": -0.03}
     configs = []
-    for config in bench.grid_configs():
-        entry = dict(zip(bench.SPACE, config, strict=True))
+    for config in grid_module.grid_configs():
+        entry = dict(zip(grid_module.SPACE, config, strict=True))
         score = 0.5 + 0.1 * (entry["memory.window_start"] == 2) + 0.05 * entry["memory.rank"] / 8
         score += 0.05 * (entry["memory.target_modules"] == "ffn") + 2 * entry["optim.lr"]
         users = {u: {n: score + d for n in ("rouge1", "rougeL")} for u, d in offsets.items()}
@@ -262,7 +267,7 @@ def synthetic_grid(bench) -> dict:
 
 def test_bench_replays_the_sweeper_with_and_without_pruning():
     bench = load_script("bench_search.py")
-    assert len(bench.grid_configs()) == 192
+    assert len(load_script("bench_grid.py").grid_configs()) == 192
     grid = synthetic_grid(bench)
     optimum = max(c["objective"] for c in grid["configs"])
     order = bench.seeded_order(["u0", "u1", "u2", "u3"], 0)
