@@ -1,0 +1,1 @@
+"""Memory injectors and the machinery they share."""

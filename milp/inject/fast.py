@@ -1,0 +1,246 @@
+"""The fast path of memory training: building blocks shared by both injectors.
+
+A memory step trains a few LoRA matrices on top of a frozen base; most of its cost is
+the base model's own arithmetic, and much of that is avoidable without changing what
+is computed:
+
+- `bf16_supported` / `fast_autocast`: bf16 autocast where the hardware has bf16 matrix
+  units (CPU `avx512_bf16` / `amx_bf16`, CUDA `is_bf16_supported`), TF32 on CUDA;
+  anything else keeps float32. The memory weights, the optimizer and the loss stay
+  float32; only the matrix products of the forward/backward run in bf16.
+- `target_loss`: the causal-LM loss with the output head applied only at target
+  positions (labels != IGNORE_INDEX after the shift); prompt and padding positions,
+  whose loss is masked anyway, skip the vocabulary projection and the softmax. It
+  returns per-row sums and token counts (`RowLoss`), from which the per-user path
+  takes the batch mean (the model's own `.loss`) and the batched path each user's mean.
+- `PrefixCache`: below the lowest memory layer L the model is frozen, so the hidden
+  states entering layer L are the same on every epoch. They are computed once per
+  history example and reused; each step runs only layers L.. and the head.
+- `length_bucketed_batches` / `LengthBucketSampler`: batches of similar length, so
+  few padding tokens are computed.
+
+Exactness: the prefix cache and target-only logits compute the same function as the
+full forward (up to float summation order; tests check loss and gradients). bf16
+changes numerics (tolerance-checked by `experiments/bench_real.py`), and bucketing
+changes which examples share a step (same examples per epoch, other groupings).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+
+from milp.data.datamodule import IGNORE_INDEX
+from milp.inject.prefix import DEFAULT_MAX_BYTES, PrefixCache, prefix_bytes
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "LengthBucketSampler",
+    "PrefixCache",
+    "RowLoss",
+    "bf16_supported",
+    "head_loss",
+    "length_bucketed_batches",
+    "fast_autocast",
+    "prefix_bytes",
+    "target_loss",
+]
+
+# Config attributes of models whose logits are not simply lm_head(hidden): their loss
+# uses the model's full forward.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_supported(device: str | torch.device = "cpu") -> bool:
+    """Whether this device multiplies bf16 matrices in hardware (False when unsure).
+
+    CPU: the `amx_bf16` or `avx512_bf16` flag in /proc/cpuinfo, or an AMX capability
+    reported by torch; elsewhere emulated bf16 is slower than float32. CUDA:
+    `torch.cuda.is_bf16_supported()` (Ampere and later).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    if _cpu_flags() & set(CPU_BF16_FLAGS):
+        return True
+    try:
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fast_autocast(device: str | torch.device, bf16: bool | None = None):
+    """The autocast context of the fast path on `device`.
+
+    `bf16=None` (auto) uses bf16 where `bf16_supported`; True insists (falls back to
+    float32 with no error where unsupported, so a config runs on any machine); False is
+    float32. On CUDA it also allows TF32 for the float32 products that remain.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use = bf16_supported(device) if bf16 is None else bf16 and bf16_supported(device)
+    if not use:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@dataclass
+class RowLoss:
+    """Summed target-token cross-entropy and target-token count of each batch row."""
+
+    sums: torch.Tensor  # [rows], float32, carries the graph
+    counts: torch.Tensor  # [rows], long
+
+    def mean(self) -> torch.Tensor:
+        """Mean over all target tokens of the batch: the model's own `.loss`."""
+        return self.sums.sum() / self.counts.sum().clamp(min=1)
+
+    def per_group(self, groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss and target tokens of each group of rows (`groups[row]` in
+        0..num_groups-1, e.g. the bank slot of each row); empty groups get loss 0."""
+        sums = torch.zeros(num_groups, device=self.sums.device, dtype=self.sums.dtype)
+        sums = sums.index_add(0, groups, self.sums)
+        counts = torch.zeros(num_groups, device=self.counts.device, dtype=torch.long)
+        counts = counts.index_add(0, groups, self.counts)
+        return sums / counts.clamp(min=1), counts
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The model's decoder stack (`model.model` for Llama-family models), if it has one."""
+    lm = causal_lm(model)
+    try:
+        return lm.get_decoder()
+    except (AttributeError, ValueError, NotImplementedError):
+        return None
+
+
+def head_of(model: nn.Module) -> nn.Module | None:
+    """The output projection, when logits are exactly `head(final hidden states)`."""
+    lm = causal_lm(model)
+    if any(getattr(lm.config, k, None) for k in LOGIT_POSTPROCESSING):
+        return None
+    return lm.get_output_embeddings()
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> RowLoss:
+    """`RowLoss` of final hidden states [rows, T, H] against right-shifted `labels`,
+    projecting only the positions whose next token is a target."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])
+    losses = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    sums = torch.zeros(labels.shape[0], device=losses.device).index_add(0, rows, losses)
+    return RowLoss(sums, keep.sum(1))
+
+
+def target_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], prefix: PrefixCache | None = None
+) -> RowLoss:
+    """Causal-LM loss of a right-padded batch (`input_ids`, `attention_mask`, `labels`
+    with IGNORE_INDEX outside targets), the head computed at target positions only.
+
+    With a `prefix` cache the layers below its start layer are replayed from the cache.
+    Models whose logits are post-processed (soft-capping, scaling) or that have no
+    separable head use their full forward: same loss, no savings.
+    """
+    head, decoder = head_of(model), decoder_of(model)
+    if head is None or decoder is None:
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        return _full_logits_loss(logits, batch["labels"])
+    if prefix is not None and prefix.enabled:
+        hidden = prefix.final_hidden(batch)
+    else:
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+    return head_loss(head, hidden, batch["labels"])
+
+
+def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> RowLoss:
+    targets = labels[:, 1:]
+    losses = nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
+    )  # IGNORE_INDEX positions give 0
+    return RowLoss(losses.sum(1), (targets != IGNORE_INDEX).sum(1))
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, window_batches: int = 16
+) -> list[list[int]]:
+    """Shuffled batches of similar length: a seeded permutation, cut into windows of
+    `window_batches` batches, each window sorted by length and cut into batches, then
+    the batches shuffled. Same generator state, same batches; every index once."""
+    if batch_size < 1 or window_batches < 1:
+        raise ValueError("batch_size and window_batches must be >= 1")
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * window_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """A DataLoader `batch_sampler` of `length_bucketed_batches`, a new draw per epoch
+    from its own seeded generator (as a shuffling DataLoader draws a permutation)."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        generator: torch.Generator,
+        window_batches: int = 16,
+    ) -> None:
+        self.lengths, self.batch_size = list(lengths), batch_size
+        self.generator, self.window_batches = generator, window_batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from length_bucketed_batches(
+            self.lengths, self.batch_size, self.generator, self.window_batches
+        )
