@@ -11,6 +11,7 @@ from milp.inject.fast import (
     bf16_supported,
     fast_autocast,
     length_bucketed_batches,
+    pack_rows,
     prefix_bytes,
     target_loss,
 )
@@ -58,7 +59,7 @@ def loss_and_grads(model, batch, prefix=None):
     return loss.detach(), grads
 
 
-BATCH = dict(lengths=[5, 12, 9, 7], prompt_lengths=[2, 6, 4, 7])
+BATCH = dict(lengths=[5, 12, 9, 7], prompt_lengths=[2, 6, 0, 7])
 
 
 def test_target_only_loss_equals_full_loss(llama):
@@ -70,7 +71,7 @@ def test_target_only_loss_equals_full_loss(llama):
         # Per-group means are each group's own loss (the batched path's per-user loss).
         means, counts = rows.per_group(torch.tensor([0, 1, 1, 0]), 3)
         assert torch.allclose(means[1], model(**subset(batch, [1, 2])).loss, rtol=1e-5)
-        assert counts.tolist() == [3 + 0, 6 + 5, 0]
+        assert counts.tolist() == [3 + 0, 6 + 8, 0]
 
 
 def test_post_processed_logits_use_the_full_forward(llama):
@@ -122,6 +123,31 @@ def test_prefix_cache_under_bf16_autocast(llama):
     for name in grads:
         scale = expected_grads[name].abs().max()
         assert (grads[name] - expected_grads[name]).abs().max() <= 5e-2 * scale, name
+
+
+def test_packed_rows_give_the_same_loss_and_gradients(llama):
+    model = with_memory(llama, [2, 3])
+    batch = make_batch(**BATCH)
+    expected_loss, expected_grads = loss_and_grads(model, batch)
+    packed = pack_rows(batch, pad_id=0)
+    assert packed["input_ids"].shape == (1, 5 + 12 + 9 + 7)
+    cache = PrefixCache(model, 2)
+    for prefix in (None, cache, cache):  # full forward, cache filled, cache replayed
+        loss, grads = loss_and_grads(model, packed, prefix)
+        assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            assert torch.allclose(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6)
+    assert cache.hits == 4 and cache.misses == 4
+    # One packed row per group (a bank slot): each group's mean is its own loss, and
+    # the shorter row's end padding changes nothing.
+    groups = [1, 0, 0, 1]
+    by_group = pack_rows(batch, groups, pad_id=0)
+    assert by_group["groups"].tolist() == [1, 0]
+    means, _ = target_loss(model, by_group, cache, owners=[1, 0]).per_group(
+        by_group["groups"], 2
+    )
+    assert torch.allclose(means[0], model(**subset(batch, [1, 2])).loss, rtol=1e-5)
+    assert torch.allclose(means[1], model(**subset(batch, [0, 3])).loss, rtol=1e-5)
 
 
 def test_prefix_cache_memory_cap_and_release(llama):

@@ -16,12 +16,14 @@ is computed:
 - `PrefixCache`: below the lowest memory layer L the model is frozen, so the hidden
   states entering layer L are the same on every epoch. They are computed once per
   history example and reused; each step runs only layers L.. and the head.
-- `length_bucketed_batches` / `LengthBucketSampler`: batches of similar length, so
-  few padding tokens are computed.
+- `pack_rows`: a batch's examples packed end to end (block-diagonal attention), so no
+  padding token is computed and the batch is the same: exact.
+- `length_bucketed_batches` / `LengthBucketSampler`: batches of similar length (fewer
+  padding tokens without packing); this regroups examples, so it changes results.
 
-Exactness: the prefix cache and target-only logits compute the same function as the
-full forward (up to float summation order; tests check loss and gradients). bf16
-changes numerics (tolerance-checked by `experiments/bench_real.py`), and bucketing
+Exactness: packing, the prefix cache and target-only logits compute the same function
+as the full forward (up to float summation order; tests check loss and gradients).
+bf16 changes numerics (tolerance-checked by `experiments/bench_real.py`); bucketing
 changes which examples share a step (same examples per epoch, other groupings).
 """
 
@@ -47,6 +49,8 @@ __all__ = [
     "bf16_supported",
     "head_loss",
     "length_bucketed_batches",
+    "model_inputs",
+    "pack_rows",
     "fast_autocast",
     "prefix_bytes",
     "target_loss",
@@ -93,19 +97,15 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
         return False
 
 
-def fast_autocast(device: str | torch.device, bf16: bool | None = None):
-    """The autocast context of the fast path on `device`.
-
-    `bf16=None` (auto) uses bf16 where `bf16_supported`; True insists (falls back to
-    float32 with no error where unsupported, so a config runs on any machine); False is
-    float32. On CUDA it also allows TF32 for the float32 products that remain.
-    """
+def fast_autocast(device: str | torch.device, bf16: bool = True):
+    """The autocast context of the fast path on `device`: bf16 where `bf16_supported`
+    (float32 elsewhere, so one config runs on any machine), float32 with `bf16=False`.
+    On CUDA it also allows TF32 for the float32 products that remain."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    use = bf16_supported(device) if bf16 is None else bf16 and bf16_supported(device)
-    if not use:
+    if not (bf16 and bf16_supported(device)):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -169,29 +169,80 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> Ro
     return RowLoss(sums, keep.sum(1))
 
 
-def target_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], prefix: PrefixCache | None = None
-) -> RowLoss:
-    """Causal-LM loss of a right-padded batch (`input_ids`, `attention_mask`, `labels`
-    with IGNORE_INDEX outside targets), the head computed at target positions only.
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward's inputs of a right-padded batch (ids, attention mask) or of a packed
+    one (ids, position ids: a transformers model then attends within each example)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    With a `prefix` cache the layers below its start layer are replayed from the cache.
-    Models whose logits are post-processed (soft-capping, scaling) or that have no
-    separable head use their full forward: same loss, no savings.
+
+def target_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    prefix: PrefixCache | None = None,
+    owners: Sequence | None = None,
+) -> RowLoss:
+    """Causal-LM loss of a batch, the head computed at target positions only.
+
+    The batch is right-padded (`input_ids`, `attention_mask`, `labels` with IGNORE_INDEX
+    outside targets: the collator's layout) or packed (`pack_rows`). With an enabled
+    `prefix` cache the layers below its start layer are replayed from the cache
+    (`owners[row]`: whose entries, see `PrefixCache.final_hidden`). Models whose logits
+    are post-processed (soft-capping, scaling) or that have no separable head use
+    their full forward: same loss, no savings.
     """
     head, decoder = head_of(model), decoder_of(model)
     if head is None or decoder is None:
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
+        logits = model(**model_inputs(batch), use_cache=False).logits
         return _full_logits_loss(logits, batch["labels"])
     if prefix is not None and prefix.enabled:
-        hidden = prefix.final_hidden(batch)
+        hidden = prefix.final_hidden(batch, owners)
     else:
-        hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+        hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state
     return head_loss(head, hidden, batch["labels"])
+
+
+def pack_rows(
+    batch: dict[str, torch.Tensor], groups: Sequence[int] | None = None, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pack a right-padded batch: the examples of each group (default: all rows) one
+    after another in one row, no padding between them, each with positions from 0.
+
+    transformers models given `position_ids` and no attention mask attend within each
+    example only (a block-diagonal causal mask), so every example's loss is what it is
+    in the padded batch; each example's first label is masked (it would otherwise be
+    the target of the previous example's last token). Rows are padded at the end as an
+    example of their own, which no real token attends to. Returns `input_ids`,
+    `position_ids`, `labels`, `segment_lengths` [rows, examples] and `groups` (the
+    group of each packed row, in order of first appearance).
+    """
+    lengths = batch["attention_mask"].sum(1).tolist()
+    groups = [0] * len(lengths) if groups is None else [int(g) for g in groups]
+    order = list(dict.fromkeys(groups))
+    members = [[r for r, g in enumerate(groups) if g == group] for group in order]
+    width = max(sum(lengths[r] for r in rows) for rows in members)
+    ids = batch["input_ids"].new_full((len(order), width), pad_id)
+    labels = batch["labels"].new_full((len(order), width), IGNORE_INDEX)
+    positions = batch["input_ids"].new_zeros((len(order), width))
+    segments = torch.zeros(len(order), max(map(len, members)), dtype=torch.long)
+    for p, rows in enumerate(members):
+        start = 0
+        for s, r in enumerate(rows):
+            n = lengths[r]
+            ids[p, start : start + n] = batch["input_ids"][r, :n]
+            labels[p, start + 1 : start + n] = batch["labels"][r, 1:n]
+            positions[p, start : start + n] = torch.arange(n)
+            segments[p, s] = n
+            start += n
+        positions[p, start:] = torch.arange(width - start)
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "labels": labels,
+        "segment_lengths": segments.to(ids.device),
+        "groups": torch.tensor(order, device=ids.device),
+    }
 
 
 def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> RowLoss:

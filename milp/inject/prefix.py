@@ -114,7 +114,7 @@ class PrefixCache:
         try:
             with torch.autocast(device.type, enabled=False):
                 full = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                replayed = self._suffix(self._prefix(ids, mask), mask)
+                replayed = self._suffix(self._prefix(ids, mask), attention_mask=mask)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -144,43 +144,50 @@ class PrefixCache:
         with self._only(self.decoder.layers[: self.start_layer], nn.Identity()):
             return self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]
 
-    def _suffix(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _suffix(self, states: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         with self._only(self.decoder.layers[self.start_layer :], None):
-            return self.decoder(inputs_embeds=states, attention_mask=mask, use_cache=False)[0]
+            return self.decoder(inputs_embeds=states, use_cache=False, **inputs)[0]
 
     def final_hidden(
         self, batch: dict[str, torch.Tensor], owners: Sequence[Hashable] | None = None
     ) -> torch.Tensor:
-        """Final hidden states [rows, T, H] of a right-padded batch (`input_ids`,
-        `attention_mask`); `owners[row]` files each row's entry (default: one owner)."""
+        """Final hidden states [rows, T, H] of a batch, as the decoder's forward gives them.
+
+        The batch is right-padded (`input_ids`, `attention_mask` 1...1 0...0) or packed
+        (`input_ids`, `position_ids`, `segment_lengths`, from `milp.inject.fast.pack_rows`).
+        `owners[row]` files each row's entries (default: one owner for all).
+        """
         if not self.enabled:
             raise RuntimeError(f"the prefix cache is disabled: {self.reason}")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids = batch["input_ids"]
         rows, width = ids.shape
-        lengths = mask.sum(1)
-        positions = torch.arange(width, device=mask.device)
-        if not torch.equal(mask.bool(), positions[None] < lengths[:, None]):
-            raise ValueError("PrefixCache needs right-padded rows (attention_mask 1...1 0...0)")
-        ids_cpu, lengths_cpu = ids.cpu(), lengths.cpu().tolist()
+        segments = _segments(batch)
+        ids_cpu = ids.cpu()
         owners = list(owners) if owners is not None else [None] * rows
-        keys = [(owners[r], ids_cpu[r, : lengths_cpu[r]].numpy().tobytes()) for r in range(rows)]
-        found = {r: self.entries.get(keys[r]) for r in range(rows)}
-        missing = [r for r in range(rows) if found[r] is None]
-        self.hits += rows - len(missing)
+        keys = [(owners[r], ids_cpu[r, a : a + n].numpy().tobytes()) for r, a, n in segments]
+        found = [self.entries.get(key) for key in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        self.hits += len(segments) - len(missing)
         self.misses += len(missing)
-        if missing:
-            index = torch.tensor(missing, device=ids.device)
-            cut = max(lengths_cpu[r] for r in missing)
+        if missing:  # their states, computed as right-padded rows of their own
+            cut = max(segments[i][2] for i in missing)
+            fresh_ids = ids.new_zeros(len(missing), cut)
+            fresh_mask = ids.new_zeros(len(missing), cut)
+            for j, i in enumerate(missing):
+                r, a, n = segments[i]
+                fresh_ids[j, :n] = ids[r, a : a + n]
+                fresh_mask[j, :n] = 1
             with torch.no_grad():
-                fresh = self._prefix(ids[index, :cut], mask[index, :cut])
-            for i, r in enumerate(missing):
-                found[r] = fresh[i, : lengths_cpu[r]]
-                self._store(keys[r], found[r])
-        first = found[0]
-        states = first.new_zeros(rows, width, first.shape[-1])
-        for r in range(rows):
-            states[r, : lengths_cpu[r]] = found[r]
-        return self._suffix(states, mask)
+                fresh = self._prefix(fresh_ids, fresh_mask)
+            for j, i in enumerate(missing):
+                found[i] = fresh[j, : segments[i][2]]
+                self._store(keys[i], found[i])
+        states = found[0].new_zeros(rows, width, found[0].shape[-1])
+        for (r, a, n), f in zip(segments, found, strict=True):
+            states[r, a : a + n] = f
+        if "position_ids" in batch:
+            return self._suffix(states, position_ids=batch["position_ids"])
+        return self._suffix(states, attention_mask=batch["attention_mask"])
 
     def _store(self, key: tuple[Hashable, bytes], states: torch.Tensor) -> None:
         if key in self.entries:  # the same example twice in one batch
@@ -205,3 +212,22 @@ class PrefixCache:
         self.entries.clear()
         self.owners.clear()
         self.nbytes = 0
+
+
+def _segments(batch: dict[str, torch.Tensor]) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every example in a right-padded or packed batch."""
+    if "segment_lengths" in batch:
+        out = []
+        for r, lengths in enumerate(batch["segment_lengths"].tolist()):
+            start = 0
+            for n in lengths:
+                if n:
+                    out.append((r, start, n))
+                    start += n
+        return out
+    mask = batch["attention_mask"]
+    lengths = mask.sum(1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask.bool(), positions[None] < lengths[:, None]):
+        raise ValueError("PrefixCache needs right-padded rows (attention_mask 1...1 0...0)")
+    return [(r, 0, n) for r, n in enumerate(lengths.tolist())]
