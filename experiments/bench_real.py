@@ -10,8 +10,11 @@ with the same steps, seeds and initial memory weights:
                    model's own `.loss` (what a user writes without milp)
   milp-sequential  milp's sequential path (a Lightning Trainer per user)
   fast             the fast-path blocks of `milp.inject.fast` in the same plain loop:
-                   bf16 autocast where the hardware has it, length-bucketed batches,
+                   bf16 autocast where the hardware has it (frozen weights held in bf16),
+                   eager attention on CPU, packed batches (no padding),
                    frozen-prefix cache below the lowest memory layer, target-only head
+                   (`--fast` picks the pieces; `bucket`, length-bucketed batches, is off
+                   by default because it regroups the examples of a step)
   milp-batched     milp's batched path (all users in one MemoryBank)
 
 Each row runs in its own process (peak memory is its own); the clock covers users ->
@@ -44,13 +47,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = ("plain-peft", "milp-sequential", "fast", "milp-batched")
 ANSWER_ROWS = ("answer-fp32", "answer-fast")
-FAST_FEATURES = ("bf16", "bucket", "prefix", "target")
+# bucket is off by default: it regroups the examples of a step, which changes results.
+# weights: the frozen linear weights held in bf16 (exact under bf16 autocast); eager:
+# eager attention on CPU (faster than SDPA at these lengths).
+FAST_FEATURES = ("bf16", "weights", "eager", "pack", "prefix", "target", "bucket")
+DEFAULT_FAST = "bf16,weights,eager,pack,prefix,target"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(
         "--fast",
-        default=",".join(FAST_FEATURES),
+        default=DEFAULT_FAST,
         help=f"fast-path pieces the fast row uses ({', '.join(FAST_FEATURES)})",
     )
     p.add_argument("--profile", type=Path, default=None, help="dir: a profile table per row")
@@ -164,7 +172,13 @@ def run_fast(args, cfg, base, users, dm, fmt, out: Path) -> None:
     from torch.utils.data import DataLoader
 
     from milp.data.datamodule import TrainCollator
-    from milp.inject.fast import LengthBucketSampler, PrefixCache, fast_autocast, target_loss
+    from milp.inject.fast import (
+        LengthBucketSampler,
+        PrefixCache,
+        bf16_frozen_weights,
+        bf16_supported,
+        cpu_attention,
+    )
     from milp.memory import place_memory, remove_memory
 
     features = {f.strip() for f in args.fast.split(",") if f.strip()}
@@ -188,21 +202,36 @@ def run_fast(args, cfg, base, users, dm, fmt, out: Path) -> None:
             )
         else:  # the plain row's batches
             loader = dm.select(user).train_dataloader()
-        for _ in range(args.epochs):
-            for batch in itertools.islice(loader, len(loader)):
-                batch = {k: v.to(args.device) for k, v in batch.items()}
-                with fast_autocast(args.device, bf16="bf16" in features):
-                    if "target" in features:
-                        loss = target_loss(model, batch, prefix).mean()
-                    else:
-                        loss = model(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.gradient_clip_val)
-                optimizer.step()
-                optimizer.zero_grad()
+        pad_id = base.tokenizer.pad_token_id
+        low = {"bf16", "weights"} <= features and bf16_supported(args.device)
+        attention = cpu_attention(model, args.device) if "eager" in features else nullcontext()
+        with bf16_frozen_weights(model, enabled=low), attention:
+            train_fast(args, cfg, model, trainable, optimizer, loader, prefix, features, pad_id)
         model.save_pretrained(out / user.slug)
         base.model = remove_memory(model)
         print(f"prefix cache: {cache.reason or f'{cache.nbytes / 2**20:.1f} MiB'}", flush=True)
+
+
+def train_fast(args, cfg, model, trainable, optimizer, loader, prefix, features, pad_id) -> None:
+    """The fast row's epochs over one user's loader."""
+    import torch
+
+    from milp.inject.fast import fast_autocast, model_inputs, pack_rows, target_loss
+
+    for _ in range(args.epochs):
+        for batch in itertools.islice(loader, len(loader)):
+            if "pack" in features:
+                batch = pack_rows(batch, pad_id=pad_id)
+            batch = {k: v.to(args.device) for k, v in batch.items()}
+            with fast_autocast(args.device, bf16="bf16" in features):
+                if "target" in features:
+                    loss = target_loss(model, batch, prefix).mean()
+                else:
+                    loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.gradient_clip_val)
+            optimizer.step()
+            optimizer.zero_grad()
 
 
 def dm_memory(cfg):

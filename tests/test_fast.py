@@ -8,7 +8,9 @@ from milp.data.datamodule import IGNORE_INDEX, pad_right
 from milp.inject.fast import (
     LengthBucketSampler,
     PrefixCache,
+    bf16_frozen_weights,
     bf16_supported,
+    cpu_attention,
     fast_autocast,
     length_bucketed_batches,
     pack_rows,
@@ -132,20 +134,27 @@ def test_packed_rows_give_the_same_loss_and_gradients(llama):
     packed = pack_rows(batch, pad_id=0)
     assert packed["input_ids"].shape == (1, 5 + 12 + 9 + 7)
     cache = PrefixCache(model, 2)
-    for prefix in (None, cache, cache):  # full forward, cache filled, cache replayed
+
+    def check(prefix):
         loss, grads = loss_and_grads(model, packed, prefix)
         assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
         for name in grads:
             assert torch.allclose(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6)
-    assert cache.hits == 4 and cache.misses == 4
+
+    for prefix in (None, cache, cache):  # full forward, cache filled, cache replayed
+        check(prefix)
+    with cpu_attention(model, "cpu") as implementation:  # packed masks in eager attention
+        assert implementation == "eager"
+        check(None)
+        check(cache)
+    assert llama.config._attn_implementation == "sdpa"
+    assert cache.hits == 8 and cache.misses == 4
     # One packed row per group (a bank slot): each group's mean is its own loss, and
     # the shorter row's end padding changes nothing.
     groups = [1, 0, 0, 1]
     by_group = pack_rows(batch, groups, pad_id=0)
     assert by_group["groups"].tolist() == [1, 0]
-    means, _ = target_loss(model, by_group, cache, owners=[1, 0]).per_group(
-        by_group["groups"], 2
-    )
+    means, _ = target_loss(model, by_group, cache, owners=[1, 0]).per_group(by_group["groups"], 2)
     assert torch.allclose(means[0], model(**subset(batch, [1, 2])).loss, rtol=1e-5)
     assert torch.allclose(means[1], model(**subset(batch, [0, 3])).loss, rtol=1e-5)
 
@@ -204,6 +213,23 @@ def test_length_buckets_are_deterministic_permutations():
     sampler = LengthBucketSampler(lengths, 8, torch.Generator().manual_seed(3), 4)
     epochs = [list(sampler), list(sampler)]
     assert len(sampler) == 13 and epochs[0] == batches and epochs[1] != epochs[0]
+
+
+def test_bf16_weights_match_autocast_casts(llama):
+    embedding = llama.get_input_embeddings().weight
+    llama.lm_head.weight = embedding  # tied, as in SmolLM2: the head's copy is its own
+    model = with_memory(llama, [2, 3])
+    batch = make_batch(**BATCH)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_loss, expected_grads = loss_and_grads(model, batch)
+        with bf16_frozen_weights(model) as swapped:
+            assert swapped == 4 * 7 + 1  # q k v o gate up down per layer, and the head
+            assert llama.get_input_embeddings().weight is embedding
+            loss, grads = loss_and_grads(model, batch)
+    assert llama.lm_head.weight is embedding and embedding.dtype == torch.float32
+    assert torch.equal(loss, expected_loss)
+    for name in grads:
+        assert torch.allclose(grads[name], expected_grads[name], rtol=1e-5, atol=1e-7), name
 
 
 def test_fast_autocast_falls_back_to_float32():
