@@ -19,10 +19,10 @@ with the same steps, seeds and initial memory weights:
 
 Each row runs in its own process (peak memory is its own); the clock covers users ->
 saved adapters. `--repeat N` runs the rows N times in alternating order and keeps each
-row's fastest run (a shared machine's load drifts between rows). Then, in the driver, every row's saved adapters are loaded with plain
-`PeftModel.from_pretrained` and evaluated in float32: "final loss" is the mean
-target-token loss on the users' training histories. The fast row passes when its final
-loss is within `--loss-tolerance` (relative) of plain-peft's.
+row's fastest run (a shared machine's load drifts between rows). Then every row's saved
+adapters are loaded with plain `PeftModel.from_pretrained` and evaluated in float32:
+"final loss" is the mean target-token loss on the users' training histories. The fast
+row passes when its final loss is within `--loss-tolerance` (relative) of plain-peft's.
 
 Answering: the users' queries are answered with the plain-peft adapters, greedy, in
 float32 and on the fast path (bf16 weights where the hardware has bf16), queries/s and
