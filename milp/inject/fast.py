@@ -120,9 +120,10 @@ def bf16_frozen_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]
     """Frozen `nn.Linear` weights held in bf16 while the block runs (restored after).
 
     Under bf16 autocast every linear call casts its float32 weight to bf16 first; a
-    bf16 copy made once gives the same numbers without that per-call copy (on CPU the
-    casts took ~15% of a SmolLM2 step). Trainable weights (memories) stay float32. A
-    head tied to the input embedding gets its own copy; the embedding stays as it is.
+    bf16 copy made once gives the same numbers without that per-call copy (a large
+    share of a CPU step at SmolLM2's size, see `experiments/bench_real.py --profile`).
+    Trainable weights (memories) stay float32. A head tied to the input embedding gets
+    its own copy; the embedding stays as it is.
     Costs the bf16 copies' memory (half the frozen linear weights) while it runs.
     Yields the number of weights swapped (0 when disabled).
     """
@@ -150,8 +151,8 @@ def cpu_attention(model: nn.Module, device: str | torch.device) -> Iterator[str]
     """On CPU, the eager (matmul + softmax) attention while the block runs.
 
     For memory training's short sequences (tens to a few hundred tokens) the CPU SDPA
-    kernels, the backward above all, are slower than eager attention (on SmolLM2 2 x 4
-    chat pairs: ~35% of a bf16 step with SDPA, a third less step time with eager).
+    kernels, the backward above all and with a packed (block-diagonal) mask, are slower
+    than eager attention (`experiments/bench_real.py --profile` shows both).
     Elsewhere (CUDA) the model's own implementation stays. Yields the one in use.
     """
     lm = causal_lm(model)
