@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, pad_right
 from milp.data.synthetic import GENERATOR_VERSION, ensure_synthetic_lamp, load_generic_corpus
 from milp.files import publish_dir
+from milp.inject.fast import length_bucketed_batches
 from milp.models.hf import BaseModel, load_base_model
 
 
@@ -66,21 +67,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
 
 
-def length_bucketed_batches(
-    examples: list[tuple[list[int], list[int]]], batch_size: int, generator: torch.Generator
-) -> list[list[int]]:
-    """Shuffled batches of similar length: a few long prompts (those with in-context
-    examples) would otherwise pad every batch to their length and double the cost."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in shuffled]
-
-
 def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str | Path) -> Path:
     """Pretrain the tiny model and save it to `directory` (atomically)."""
     started = time.perf_counter()
@@ -116,10 +102,13 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
         lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))),
     )
     generator = torch.Generator().manual_seed(spec.seed)
+    # Batches of similar length: a few long prompts would otherwise pad every batch to
+    # their length and double the cost.
+    lengths = [len(ids) for ids, _ in examples]
     model.train()
     step, loss_value = 0, float("nan")
     for epoch in range(spec.epochs):
-        for indices in length_bucketed_batches(examples, spec.batch_size, generator):
+        for indices in length_bucketed_batches(lengths, spec.batch_size, generator):
             batch = [examples[i] for i in indices]
             input_ids = pad_right([ids for ids, _ in batch], tokenizer.pad_token_id)
             attention_mask = pad_right([[1] * len(ids) for ids, _ in batch], 0)
