@@ -50,7 +50,7 @@ from hydra_plugins.milp_sweeper._search_space import (
 )
 from hydra_plugins.milp_sweeper._tell import LossBook
 from milp.prune import PruneRule, seeded_order
-from milp.train import average
+from milp.report import average
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
