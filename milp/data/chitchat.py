@@ -19,7 +19,9 @@ import hashlib
 import importlib.util
 import json
 import random
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 from milp.data.checks import setting_int
 from milp.data.lamp import load_lamp_split
@@ -84,40 +86,58 @@ def _split_records(user_id: str, items: list[dict], queries_per_user: int, max_h
     return questions, golds
 
 
-def write_chitchat_lamp(
-    directory: str | Path,
-    seed: int = 0,
-    min_history: int = 100,
-    max_history: int | None = 200,
-    queries_per_user: int = 3,
-    test_users: int = 8,
-    dev_users: int = 4,
-    train_users: int = 0,
-) -> Path:
+@dataclass(frozen=True)
+class SplitSettings:
+    """How the corpus is cut into users and splits (the cache entry is named by these)."""
+
+    seed: int = 0
+    min_history: int = 100
+    max_history: int | None = 200
+    queries_per_user: int = 3
+    test_users: int = 8
+    dev_users: int = 4
+    train_users: int = 0
+
+    def __post_init__(self) -> None:
+        setting_int("data.users.min_history", self.min_history, 1)
+        setting_int("data.users.max_history", self.max_history, 1, "all earlier replies")
+        setting_int("data.users.queries_per_user", self.queries_per_user, 1)
+        for key in ("test_users", "dev_users", "train_users"):
+            setting_int(f"data.users.{key}", getattr(self, key), 0)
+
+    @property
+    def tag(self) -> str:
+        return hashlib.sha256(json.dumps([CONVERTER_VERSION, *astuple(self)]).encode()).hexdigest()[
+            :10
+        ]
+
+
+def write_chitchat_lamp(directory: str | Path, settings: SplitSettings) -> Path:
     """Convert the corpus into LaMP-schema splits under `directory` (atomically)."""
-    _check_settings(min_history, max_history, queries_per_user, test_users, dev_users, train_users)
+    s = settings
     replies = read_replies(corpus_path())
     eligible = sorted(
-        u for u, items in replies.items() if len(items) >= min_history + queries_per_user
+        u for u, items in replies.items() if len(items) >= s.min_history + s.queries_per_user
     )
-    wanted = test_users + dev_users + train_users
+    wanted = s.test_users + s.dev_users + s.train_users
     if len(eligible) < wanted:
         raise MilpError(
-            f"data.min_history={min_history}: only {len(eligible)} chitchat users have that much "
-            f"history, but {wanted} users were asked for; lower min_history or the user counts"
+            f"data.min_history={s.min_history}: only {len(eligible)} chitchat users have that "
+            f"much history, but {wanted} users were asked for; lower min_history or the user "
+            "counts"
         )
-    random.Random(f"chitchat-{seed}").shuffle(eligible)
+    random.Random(f"chitchat-{s.seed}").shuffle(eligible)
     splits = {
-        "test": eligible[:test_users],
-        "dev": eligible[test_users : test_users + dev_users],
-        "train": eligible[test_users + dev_users : wanted],
+        "test": eligible[: s.test_users],
+        "dev": eligible[s.test_users : s.test_users + s.dev_users],
+        "train": eligible[s.test_users + s.dev_users : wanted],
     }
     with publish_dir(directory, "meta.json") as staging:
         for split, users in splits.items():
             questions, golds = [], []
             for user_id in users:
                 user_questions, user_golds = _split_records(
-                    user_id, replies[user_id], queries_per_user, max_history
+                    user_id, replies[user_id], s.queries_per_user, s.max_history
                 )
                 questions += user_questions
                 golds += user_golds
@@ -129,60 +149,13 @@ def write_chitchat_lamp(
     return Path(directory)
 
 
-def _check_settings(
-    min_history: int,
-    max_history: int | None,
-    queries_per_user: int,
-    test_users: int,
-    dev_users: int,
-    train_users: int,
-) -> None:
-    setting_int("data.users.min_history", min_history, 1)
-    setting_int("data.users.max_history", max_history, 1, "all earlier replies")
-    setting_int("data.users.queries_per_user", queries_per_user, 1)
-    for key, value in [
-        ("test_users", test_users),
-        ("dev_users", dev_users),
-        ("train_users", train_users),
-    ]:
-        setting_int(f"data.users.{key}", value, 0)
-
-
 def load_chitchat_users(
-    root: str | Path,
-    split: str,
-    seed: int = 0,
-    min_history: int = 100,
-    max_history: int | None = 200,
-    queries_per_user: int = 3,
-    test_users: int = 8,
-    dev_users: int = 4,
-    train_users: int = 0,
-    max_users: int | None = None,
+    root: str | Path, split: str, max_users: int | None = None, **settings: Any
 ) -> list:
-    """Users of one split of the converted corpus (converted on first use, then cached)."""
-    _check_settings(min_history, max_history, queries_per_user, test_users, dev_users, train_users)
-    settings = [
-        CONVERTER_VERSION,
-        seed,
-        min_history,
-        max_history,
-        queries_per_user,
-        test_users,
-        dev_users,
-        train_users,
-    ]
-    tag = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
-    directory = Path(root) / f"chitchat-{tag}"
+    """Users of one split of the converted corpus (converted on first use, then cached);
+    `settings`: the fields of `SplitSettings`."""
+    cut = SplitSettings(**settings)
+    directory = Path(root) / f"chitchat-{cut.tag}"
     if not (directory / "meta.json").is_file():
-        write_chitchat_lamp(
-            directory,
-            seed,
-            min_history,
-            max_history,
-            queries_per_user,
-            test_users,
-            dev_users,
-            train_users,
-        )
-    return load_lamp_split("chitchat", directory, split, max_history, max_users)
+        write_chitchat_lamp(directory, cut)
+    return load_lamp_split("chitchat", directory, split, cut.max_history, max_users)
