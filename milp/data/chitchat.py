@@ -107,9 +107,9 @@ class SplitSettings:
 
     @property
     def tag(self) -> str:
-        return hashlib.sha256(json.dumps([CONVERTER_VERSION, *astuple(self)]).encode()).hexdigest()[
-            :10
-        ]
+        """A short hash of the converter version and these settings."""
+        blob = json.dumps([CONVERTER_VERSION, *astuple(self)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def write_chitchat_lamp(directory: str | Path, settings: SplitSettings) -> Path:
