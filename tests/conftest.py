@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny real models and an isolated milp cache."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,9 @@ def start_milp(args: list[str], cache: Path, log: Path | None = None) -> subproc
             env=milp_env(cache) | {"PYTHONPATH": path},
             stdout=output,
             stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            # A suite started in the background (`make test &`, some CI runners) hands its
+            # children SIGINT ignored, and Python keeps an ignored SIGINT: restore Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     finally:
         if log:
