@@ -104,7 +104,6 @@ def compose_config(args):
         f"seed={args.seed}",
         f"trainer.max_epochs={args.epochs}",
         f"data.batch_size={args.batch_size}",
-        f"injection.users_per_batch={args.users}",
     ]
     if args.device.startswith("cuda"):
         overrides.append("trainer.accelerator=gpu")
@@ -295,7 +294,6 @@ def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
 def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast: bool) -> int:
     """Answer every user's queries with its plain-peft memory; writes answers.json."""
     import torch
-    from peft import PeftModel
 
     from milp.inject.fast import bf16_supported
 
@@ -307,12 +305,7 @@ def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast
     }
     answers = {}
     for user in users:
-        dirs = peft_adapters(adapters / user.slug)
-        model = PeftModel.from_pretrained(base.model, str(dirs[0]), adapter_name=dirs[0].name)
-        for d in dirs[1:]:
-            model.load_adapter(str(d), adapter_name=d.name)
-        model.base_model.set_adapter([d.name for d in dirs])
-        model.eval()
+        model = load_plain_peft(base.model, adapters / user.slug)
         for batch in dm.select(user).query_dataloader():
             with torch.no_grad():
                 output = model.generate(
@@ -330,19 +323,25 @@ def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast
     return len(answers)
 
 
-def peft_adapters(directory: Path) -> list[Path]:
-    """The plain peft adapters saved under a user's directory (one per memory module)."""
+def load_plain_peft(model, directory: Path):
+    """A user's saved memory loaded with plain peft only (no milp code): every adapter
+    under `directory`, all active together, in eval mode."""
+    from peft import PeftModel
+
     dirs = sorted(p.parent for p in directory.glob("*/adapter_config.json"))
     if not dirs:
         raise SystemExit(f"{directory}: no peft adapter saved there")
-    return dirs
+    peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=dirs[0].name)
+    for d in dirs[1:]:
+        peft_model.load_adapter(str(d), adapter_name=d.name)
+    peft_model.base_model.set_adapter([d.name for d in dirs])
+    return peft_model.eval()
 
 
 def run_final_loss(args, cfg, base, users, dm, fmt, out: Path, rows: dict[str, Path]) -> None:
     """Each row's saved adapters, loaded with plain peft, evaluated in float32: the mean
     target-token loss over each user's training history (writes losses.json)."""
     import torch
-    from peft import PeftModel
 
     from milp.data.datamodule import TrainCollator
 
@@ -351,12 +350,7 @@ def run_final_loss(args, cfg, base, users, dm, fmt, out: Path, rows: dict[str, P
     for row, directory in rows.items():
         per_user = []
         for user in users:
-            dirs = peft_adapters(directory / user.slug)
-            model = PeftModel.from_pretrained(base.model, str(dirs[0]), adapter_name=dirs[0].name)
-            for d in dirs[1:]:
-                model.load_adapter(str(d), adapter_name=d.name)
-            model.base_model.set_adapter([d.name for d in dirs])
-            model.eval()
+            model = load_plain_peft(base.model, directory / user.slug)
             total = count = 0.0
             with torch.no_grad():
                 for start in range(0, len(user.history), 8):
