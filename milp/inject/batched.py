@@ -378,6 +378,7 @@ class BatchedInjector(Injector):
                 switch,
                 self.generation,
                 self.compare_without_memory,
+                bf16=self.fast.bf16_answers,
             )
         finally:
             if bank is not None:

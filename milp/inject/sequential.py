@@ -60,6 +60,7 @@ class SequentialInjector(Injector):
                 switch,
                 self.generation,
                 self.compare_without_memory,
+                bf16=self.fast.bf16_answers,
             )
             return TrainedUser(
                 user=user,
