@@ -26,6 +26,7 @@ from milp.adapters import adapter_config, memory_info, save_memory
 from milp.data.datamodule import UserDataModule
 from milp.errors import MilpError
 from milp.inject import Injector, TrainedUser
+from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
 from milp.metrics import METRIC_NAMES
 from milp.models.hf import BaseModel
@@ -99,6 +100,7 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.objective not in METRIC_NAMES:
         raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(METRIC_NAMES)}")
     # Everything is built and validated before the first user trains.
+    FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
     memory: MemoryConfig = build(cfg.memory)
     datamodule: UserDataModule = build(cfg.data)
     base: BaseModel = build(cfg.model)

@@ -338,6 +338,17 @@ ROWS = [
         jsonl_case(lambda u: None, "data.allow_gold_in_history=maybe"),
         "data.allow_gold_in_history must be true or false, got 'maybe'",
     ),
+    # --- injection settings ------------------------------------------------------
+    (
+        "fast-path-unknown-key",
+        jsonl_case(lambda u: None, "+injection.fast.bf17=true"),
+        "injection.fast.bf17 is not a fast-path setting",
+    ),
+    (
+        "fast-path-negative-cache",
+        jsonl_case(lambda u: None, "injection.fast.prefix_cache_mib=-1"),
+        "injection.fast.prefix_cache_mib must be >= 0",
+    ),
     (
         "synthetic-max-users-0",
         lambda tmp: ["data=synthetic", "data.users.max_users=0"],
