@@ -7,13 +7,17 @@ optimizer, steps and seeds:
   peft       a plain loop: peft + the standard PyTorch/HF training loop per user
              (what one would write today without milp)
   lightning  milp's sequential path: a Lightning Trainer per user (milp.train's loop,
-             without answering the queries)
+             without answering the queries), on its fast path (`injection.fast`)
   batched    milp's batched path (milp.inject.batched): users_per_batch users per
-             forward/backward, continuous batching
+             forward/backward, continuous batching, on its fast path
   ceiling    not a training path: the frozen base model's forward + backward (input
-             gradients through every layer, as memories on every layer need) on
-             mixed batches of the same shape, without memories or optimizer; the
-             speed no batched implementation can beat on this machine
+             gradients through every layer, as memories on every layer need) on the
+             batched path's own batches (packed, same precision and loss), without
+             memories or optimizer; the speed no batched implementation can beat on
+             this machine. The run ends with `batched/ceiling tokens-per-second`.
+
+`--overrides injection.fast=false` runs the milp paths (and the ceiling) in plain
+float32; `--dtype bfloat16` runs the base model in bf16 on every path.
 
 Each path runs in its own fresh process (so peak memory is its own); the clock covers
 users -> saved adapters, not process start-up or model loading. All three consume the
@@ -273,44 +277,62 @@ def run_peft(args, cfg, base, users, dm, out: Path) -> int:
     return 1
 
 
+def fast_path(cfg):
+    """The fast path the milp paths train with (`injection.fast` of the config)."""
+    from milp.inject.fast import FastPath
+
+    return FastPath.from_config(cfg.injection.get("fast"))
+
+
 def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
     """The frozen model's forward + input-gradient backward at the batched shape.
 
-    Times a few steps on the first mixed batch (users_per_batch users' first mini-batch);
-    returns (users in that batch, seconds per training token).
+    The batched path's own batch (users_per_batch users' first mini-batch, packed one row
+    per user when `injection.fast.pack`), loss and precision (`injection.fast`), without
+    memory or optimizer. Times a few steps; returns (users in that batch, seconds per
+    training token).
     """
     import torch
 
-    from milp.inject.loss import pad_batch, per_slot_loss
+    from milp.inject.fast import fast_autocast, fast_training
+    from milp.inject.loss import pack_rows, pad_batch, target_loss
 
+    fast = fast_path(cfg)
     slots = min(args.users_per_batch, len(users))
     parts = [next(iter(dm.select(user).train_dataloader())) for user in users[:slots]]
-    batch = {k: v.to(args.device) for k, v in pad_batch(parts, base.tokenizer.pad_token_id).items()}
-    row_slots = torch.cat(
-        [torch.full((p["input_ids"].shape[0],), s) for s, p in enumerate(parts)]
-    ).to(args.device)
+    batch = pad_batch(parts, base.tokenizer.pad_token_id)
+    row_slots = torch.cat([torch.full((p["input_ids"].shape[0],), s) for s, p in enumerate(parts)])
+    tokens = int(batch["attention_mask"].sum())
+    if fast.pack:
+        batch = pack_rows(batch, row_slots.tolist(), base.tokenizer.pad_token_id)
+        row_slots = batch.pop("groups").cpu()
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    row_slots = row_slots.to(args.device)
     # A trainable embedding makes autograd carry input gradients through every layer
     # (as memories on every layer do); its own gradient is a cheap scatter.
     base.model.get_input_embeddings().weight.requires_grad_(True)
-    autocast = torch.autocast(
-        torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"
-    )
+    device_type = torch.device(args.device).type
+    if args.dtype == "bfloat16":
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16)
+    else:
+        autocast = fast_autocast(args.device, fast.bf16)
 
     def step() -> None:
         with autocast:
-            losses, _ = per_slot_loss(base.model, batch, row_slots, slots)
+            losses, _ = target_loss(base.model, batch).per_group(row_slots, slots)
         losses.sum().backward()
         base.model.get_input_embeddings().weight.grad = None
 
-    step()  # warm-up
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    repeats, started = 5, time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    per_token = (time.perf_counter() - started) / (repeats * int(batch["attention_mask"].sum()))
+    with fast_training(base.model, fast, args.device, 0):
+        step()  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        repeats, started = 5, time.perf_counter()
+        for _ in range(repeats):
+            step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    per_token = (time.perf_counter() - started) / (repeats * tokens)
     return slots, per_token
 
 
@@ -321,22 +343,21 @@ def instantiate_memory(cfg):
 
 
 def run_lightning(args, cfg, base, users, dm, out: Path) -> int:
-    """milp's sequential path: inject, a Lightning Trainer per user, save, remove."""
-    from hydra.utils import instantiate
-
+    """milp's sequential path: inject, the sequential injector's training (a Lightning
+    Trainer per user, on its fast path), save, remove."""
     from milp.adapters import adapter_config, peft_module_states, save_memory
     from milp.inject import seed_user
-    from milp.inject.module import MemoryInjectionModule
     from milp.memory import inject_memory, place_memory, remove_memory
+    from milp.train import make_injector
 
     memory = instantiate_memory(cfg)
-    lora = adapter_config(memory, place_memory(memory, base.model), base.model)
+    placement = place_memory(memory, base.model)
+    lora = adapter_config(memory, placement, base.model)
+    injector = make_injector(cfg, base, memory, placement, dm)
     for user in users:
         seed_user(cfg.seed, user.user_id)
-        model = inject_memory(base.model, memory)
-        module = MemoryInjectionModule(model, **cfg.optim)
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
-        trainer.fit(module, datamodule=dm.select(user))
+        model = inject_memory(base.model, memory, placement)
+        injector.train(model, user)
         save_memory(out / user.slug, peft_module_states(model), lora, {"user_id": user.user_id})
         base.model = remove_memory(model)
     return 1
@@ -351,7 +372,8 @@ def run_batched(args, cfg, base, users, dm, out: Path) -> int:
 
     memory = instantiate_memory(cfg)
     targets = memory_targets(base.model, memory)
-    lora = adapter_config(memory, place_memory(memory, base.model), base.model)
+    placement = place_memory(memory, base.model)
+    lora = adapter_config(memory, placement, base.model)
     loop = SlotTrainer(
         base.model,
         base.tokenizer.pad_token_id,
@@ -359,6 +381,8 @@ def run_batched(args, cfg, base, users, dm, out: Path) -> int:
         args.users_per_batch,
         TrainSettings.from_trainer_config(cfg.trainer),
         targets=targets,
+        fast=fast_path(cfg),
+        start_layer=min(placement.layers),
         **cfg.optim,
     )
     start = lambda user: fresh_weights(targets, memory)  # noqa: E731
@@ -600,6 +624,9 @@ def main(argv=None) -> None:
         )
     for other, speed in ratios:
         print(f"batched/sequential-{other} users-per-minute: {speed:.2f}x")
+    if "ceiling" in results and "batched" in results:
+        share = results["batched"]["tokens_per_second"] / results["ceiling"]["tokens_per_second"]
+        print(f"batched/ceiling tokens-per-second: {share:.2f}x")
 
 
 if __name__ == "__main__":

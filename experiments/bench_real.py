@@ -8,14 +8,14 @@ with the same steps, seeds and initial memory weights:
 
   plain-peft       HF model + peft LoRA + AdamW in a plain PyTorch loop, float32, the
                    model's own `.loss` (what a user writes without milp)
-  milp-sequential  milp's sequential path (a Lightning Trainer per user)
-  fast             the fast-path blocks of `milp.inject.fast` in the same plain loop:
-                   bf16 autocast where the hardware has it (frozen weights held in bf16),
-                   eager attention on CPU, packed batches (no padding),
-                   frozen-prefix cache below the lowest memory layer, target-only head
-                   (`--fast` picks the pieces; `bucket`, length-bucketed batches, is off
-                   by default because it regroups the examples of a step)
-  milp-batched     milp's batched path (all users in one MemoryBank)
+  milp-sequential  milp's sequential path (a Lightning Trainer per user), float32
+                   (`injection.fast=false`)
+  fast             milp's sequential path with its fast path on (`injection.fast`, the
+                   default: bf16 autocast where the hardware has it, frozen weights held
+                   in bf16, eager attention on CPU, packed batches, frozen-prefix cache
+                   below the lowest memory layer, target-only head; `--fast
+                   key=value,...` overrides its settings)
+  milp-batched     milp's batched path (all users in one MemoryBank), fast path on
 
 Each row runs in its own process (peak memory is its own); the clock covers users ->
 saved adapters. `--repeat N` runs the rows N times in alternating order and keeps each
@@ -24,9 +24,10 @@ adapters are loaded with plain `PeftModel.from_pretrained` and evaluated in floa
 "final loss" is the mean target-token loss on the users' training histories. The fast
 row passes when its final loss is within `--loss-tolerance` (relative) of plain-peft's.
 
-Answering: the users' queries are answered with the plain-peft adapters, greedy, in
-float32 and on the fast path (bf16 weights where the hardware has bf16), queries/s and
-how many answers are identical.
+Answering: the users' queries are answered with the plain-peft adapters through milp's
+`answer_queries`, greedy, in float32 and with `injection.fast.bf16_answers` (bf16
+autocast and weights where the hardware has bf16), queries/s and how many answers are
+identical.
 
 MFU: required FLOPs (layers below the lowest memory layer once per example, layers
 above forward + input-gradient backward every epoch, LoRA forward + backward, attention,
@@ -56,11 +57,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = ("plain-peft", "milp-sequential", "fast", "milp-batched")
 ANSWER_ROWS = ("answer-fp32", "answer-fast")
-# bucket is off by default: it regroups the examples of a step, which changes results.
-# weights: the frozen linear weights held in bf16 (exact under bf16 autocast); eager:
-# eager attention on CPU (faster than SDPA at these lengths).
-FAST_FEATURES = ("bf16", "weights", "eager", "pack", "prefix", "target", "bucket")
-DEFAULT_FAST = "bf16,weights,eager,pack,prefix,target"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(
         "--fast",
-        default=DEFAULT_FAST,
-        help=f"fast-path pieces the fast row uses ({', '.join(FAST_FEATURES)})",
+        default="",
+        help="overrides of injection.fast for the fast and batched rows, e.g. pack=false",
     )
     p.add_argument("--profile", type=Path, default=None, help="dir: a profile table per row")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -170,72 +166,17 @@ def run_plain_peft(args, cfg, base, users, dm, fmt, out: Path) -> None:
         base.model = remove_memory(model)
 
 
-def run_fast(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    """The plain loop on the fast-path blocks (milp.inject.fast)."""
-    import torch
-    from torch.utils.data import DataLoader
+def fast_settings(args, cfg, enabled: bool = True):
+    """The fast path of conf/injection (with `--fast` overrides), or the plain one."""
+    from milp.inject.fast import FastPath
 
-    from milp.data.datamodule import TrainCollator
-    from milp.inject.fast import (
-        LengthBucketSampler,
-        PrefixCache,
-        bf16_frozen_weights,
-        bf16_supported,
-        cpu_attention,
-    )
-    from milp.memory import place_memory, remove_memory
-
-    features = {f.strip() for f in args.fast.split(",") if f.strip()}
-    unknown = features - set(FAST_FEATURES)
-    if unknown:
-        raise SystemExit(f"--fast: unknown pieces {', '.join(sorted(unknown))}")
-    lowest = min(place_memory(dm_memory(cfg), base.model).layers)
-    for user in users:
-        model = fresh_memory(cfg, base, user)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr)
-        cache = PrefixCache(model, lowest)
-        prefix = cache if cache.enabled and "prefix" in features else None
-        if "bucket" in features:
-            lengths = [len(fmt.encode_pair(base.tokenizer, p)[0]) for p in user.history]
-            generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-            loader = DataLoader(
-                user.history,
-                batch_sampler=LengthBucketSampler(lengths, args.batch_size, generator),
-                collate_fn=TrainCollator(base.tokenizer, fmt),
-            )
-        else:  # the plain row's batches
-            loader = dm.select(user).train_dataloader()
-        pad_id = base.tokenizer.pad_token_id
-        low = {"bf16", "weights"} <= features and bf16_supported(args.device)
-        attention = cpu_attention(model, args.device) if "eager" in features else nullcontext()
-        with bf16_frozen_weights(model, enabled=low), attention:
-            train_fast(args, cfg, model, trainable, optimizer, loader, prefix, features, pad_id)
-        model.save_pretrained(out / user.slug)
-        base.model = remove_memory(model)
-        print(f"prefix cache: {cache.reason or f'{cache.nbytes / 2**20:.1f} MiB'}", flush=True)
-
-
-def train_fast(args, cfg, model, trainable, optimizer, loader, prefix, features, pad_id) -> None:
-    """The fast row's epochs over one user's loader."""
-    import torch
-
-    from milp.inject.fast import fast_autocast, model_inputs, pack_rows, target_loss
-
-    for _ in range(args.epochs):
-        for batch in itertools.islice(loader, len(loader)):
-            if "pack" in features:
-                batch = pack_rows(batch, pad_id=pad_id)
-            batch = {k: v.to(args.device) for k, v in batch.items()}
-            with fast_autocast(args.device, bf16="bf16" in features):
-                if "target" in features:
-                    loss = target_loss(model, batch, prefix).mean()
-                else:
-                    loss = model(**model_inputs(batch), labels=batch["labels"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.gradient_clip_val)
-            optimizer.step()
-            optimizer.zero_grad()
+    if not enabled:
+        return FastPath.from_config(False)
+    settings = dict(cfg.injection.fast)
+    for item in filter(None, (x.strip() for x in args.fast.split(","))):
+        key, _, value = item.partition("=")
+        settings[key] = int(value) if value.isdigit() else value.lower() in ("1", "true")
+    return FastPath.from_config(settings)
 
 
 def dm_memory(cfg):
@@ -244,30 +185,37 @@ def dm_memory(cfg):
     return instantiate(cfg.memory)
 
 
-def run_milp_sequential(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    """milp's sequential path (Lightning Trainer per user), as milp.inject.sequential runs it."""
-    from hydra.utils import instantiate
-
+def run_sequential(args, cfg, base, users, dm, out: Path, fast: bool) -> None:
+    """milp's sequential injector training each user (what `milp.train` runs, without
+    answering), float32 or on its fast path; saves each user's memory."""
     from milp.adapters import adapter_config, peft_module_states, save_memory
     from milp.inject import seed_user
-    from milp.inject.module import MemoryInjectionModule
     from milp.memory import inject_memory, place_memory, remove_memory
+    from milp.train import make_injector
 
     memory = dm_memory(cfg)
     placement = place_memory(memory, base.model)
     lora = adapter_config(memory, placement, base.model)
+    injector = make_injector(cfg, base, memory, placement, dm)
+    injector.fast = fast_settings(args, cfg, fast)
     for user in users:
         seed_user(cfg.seed, user.user_id)
         model = inject_memory(base.model, memory, placement)
-        module = MemoryInjectionModule(model, **cfg.optim)
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
-        trainer.fit(module, datamodule=dm.select(user))
+        injector.train(model, user)
         save_memory(out / user.slug, peft_module_states(model), lora, {"user_id": user.user_id})
         base.model = remove_memory(model)
 
 
+def run_milp_sequential(args, cfg, base, users, dm, fmt, out: Path) -> None:
+    run_sequential(args, cfg, base, users, dm, out, fast=False)
+
+
+def run_fast(args, cfg, base, users, dm, fmt, out: Path) -> None:
+    run_sequential(args, cfg, base, users, dm, out, fast=True)
+
+
 def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    """milp's batched path (all users' memories in one MemoryBank)."""
+    """milp's batched path (all users' memories in one MemoryBank), fast path on."""
     from milp.adapters import adapter_config, bank_module_states, save_memory
     from milp.inject.bank import fresh_weights, memory_targets
     from milp.inject.batched import SlotTrainer, TrainSettings
@@ -275,7 +223,8 @@ def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
 
     memory = dm_memory(cfg)
     targets = memory_targets(base.model, memory)
-    lora = adapter_config(memory, place_memory(memory, base.model), base.model)
+    placement = place_memory(memory, base.model)
+    lora = adapter_config(memory, placement, base.model)
     loop = SlotTrainer(
         base.model,
         base.tokenizer.pad_token_id,
@@ -283,6 +232,8 @@ def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
         args.users,
         TrainSettings.from_trainer_config(cfg.trainer),
         targets=targets,
+        fast=fast_settings(args, cfg),
+        start_layer=min(placement.layers),
         **cfg.optim,
     )
     start = lambda user: fresh_weights(targets, memory)  # noqa: E731
@@ -292,31 +243,25 @@ def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
 
 
 def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast: bool) -> int:
-    """Answer every user's queries with its plain-peft memory; writes answers.json."""
-    import torch
+    """Answer every user's queries with its plain-peft memory through milp's
+    `answer_queries` (float32, or bf16 as `injection.fast.bf16_answers` does); writes
+    answers.json."""
+    from milp.inject.answer import answer_queries
 
-    from milp.inject.fast import bf16_supported
-
-    if fast and bf16_supported(args.device):
-        base.model.to(torch.bfloat16)
-    generation = dict(cfg.generation) | {
-        "pad_token_id": base.tokenizer.pad_token_id,
-        "eos_token_id": base.tokenizer.eos_token_id,
-    }
     answers = {}
     for user in users:
         model = load_plain_peft(base.model, adapters / user.slug)
-        for batch in dm.select(user).query_dataloader():
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=batch["input_ids"].to(args.device),
-                    attention_mask=batch["attention_mask"].to(args.device),
-                    **generation,
-                )
-            texts = base.tokenizer.batch_decode(
-                output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            answers |= dict(zip(batch["query_ids"], [t.strip() for t in texts], strict=True))
+        found = answer_queries(
+            model,
+            base.tokenizer,
+            dm,
+            [user],
+            lambda user_ids, use_memory: nullcontext(),
+            dict(cfg.generation),
+            compare_without_memory=False,
+            bf16=fast,
+        )
+        answers |= {p["id"]: p["prediction"] for p in found.predictions}
         base.model = model.unload()
     out.mkdir(parents=True, exist_ok=True)
     (out / "answers.json").write_text(json.dumps(answers, indent=1))

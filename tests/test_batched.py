@@ -207,8 +207,11 @@ def adapters(directory):
     }
 
 
-def inject_users(cfg, base, memory, dm, users, out, injection: str, users_per_batch: int = 1):
-    """Run one injector over `users` as milp.train does; returns the result records."""
+def inject_users(
+    cfg, base, memory, dm, users, out, injection: str, users_per_batch: int = 1, fast=None
+):
+    """Run one injector over `users` as milp.train does; returns the result records.
+    `fast`: overrides of `injection.fast` (a mapping), or False for the plain path."""
     from omegaconf import OmegaConf, open_dict
 
     import milp.train as milp_train
@@ -218,6 +221,10 @@ def inject_users(cfg, base, memory, dm, users, out, injection: str, users_per_ba
         cfg.injection = OmegaConf.load(ROOT / "conf" / "injection" / f"{injection}.yaml")
         if injection == "batched":
             cfg.injection.users_per_batch = users_per_batch
+        if fast is False:
+            cfg.injection.fast = False
+        elif fast:
+            cfg.injection.fast = OmegaConf.merge(cfg.injection.fast, fast)
     placement = place_memory(memory, base.model)
     injector = milp_train.make_injector(cfg, base, memory, placement, dm)
     store = RunStore(out, "x")
@@ -227,23 +234,36 @@ def inject_users(cfg, base, memory, dm, users, out, injection: str, users_per_ba
     }
 
 
+# Float32 paths: the plain one, and the exact fast-path pieces (packing, target-only
+# logits, with memory on the top half: the prefix cache below it).
+EXACT = {
+    "plain": (False, []),
+    "packed": ({"bf16": False}, []),
+    "prefix-cache": ({"bf16": False}, ["memory.layers=top_half"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXACT))
 def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
-    milp_cache, monkeypatch, tmp_path
+    milp_cache, monkeypatch, tmp_path, case
 ):
     """users_per_batch=1 and 3 against the Lightning/peft path: same seed, same weights."""
     from hydra.utils import instantiate
 
-    cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=2")
+    fast, extra = EXACT[case]
+    cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=2", *extra)
     memory = instantiate(cfg.memory)
     dm, base = instantiate(cfg.data), instantiate(cfg.model)
     dm.attach_tokenizer(base.tokenizer)
     users = dm.users
-    sequential = inject_users(cfg, base, memory, dm, users, tmp_path / "seq", "sequential")
+    out = tmp_path / "seq"
+    sequential = inject_users(cfg, base, memory, dm, users, out, "sequential", fast=fast)
     reference = adapters(tmp_path / "seq")
-    assert len(reference) == 3 * 2 * 4 * 3 * 2  # users x memories x layers x ffn x (A, B)
+    layers = 2 if extra else 4
+    assert len(reference) == 3 * 2 * layers * 3 * 2  # users x memories x layers x ffn x (A, B)
     for users_per_batch in (1, 3):
         out = tmp_path / f"batched{users_per_batch}"
-        batched = inject_users(cfg, base, memory, dm, users, out, "batched", users_per_batch)
+        batched = inject_users(cfg, base, memory, dm, users, out, "batched", users_per_batch, fast)
         ours = adapters(out)
         assert ours.keys() == reference.keys()
         for key, value in reference.items():
@@ -260,6 +280,29 @@ def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
             ]
             assert other["no_memory"] == record["no_memory"]
             assert other["memory"] == pytest.approx(record["memory"])
+
+
+def test_bf16_fast_path_trains_to_the_float32_loss(milp_cache, monkeypatch, tmp_path):
+    """The default fast path (bf16 autocast where the CPU has bf16) ends each user's
+    training within 3% of the float32 path's loss, on both injectors."""
+    from hydra.utils import instantiate
+
+    from milp.inject.fast import bf16_supported
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no bf16 matrix units: the fast path stays float32")
+    cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=2")
+    memory = instantiate(cfg.memory)
+    dm, base = instantiate(cfg.data), instantiate(cfg.model)
+    dm.attach_tokenizer(base.tokenizer)
+    plain = inject_users(
+        cfg, base, memory, dm, dm.users, tmp_path / "plain", "sequential", 1, False
+    )
+    for injection in ("sequential", "batched"):
+        fast = inject_users(cfg, base, memory, dm, dm.users, tmp_path / injection, injection, 3)
+        for user_id, record in plain.items():
+            assert fast[user_id]["train_loss"] == pytest.approx(record["train_loss"], rel=0.03)
+            assert fast[user_id]["train_loss"] != record["train_loss"]  # bf16 did run
 
 
 def test_resume_from_continues_the_stored_memory(milp_cache, monkeypatch, tmp_path):

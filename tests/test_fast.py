@@ -7,16 +7,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from milp.data.datamodule import IGNORE_INDEX, pad_right
 from milp.inject.fast import (
     LengthBucketSampler,
-    PrefixCache,
     bf16_frozen_weights,
     bf16_supported,
     cpu_attention,
     fast_autocast,
     length_bucketed_batches,
-    pack_rows,
-    prefix_bytes,
-    target_loss,
 )
+from milp.inject.loss import pack_rows, target_loss
+from milp.inject.prefix import PrefixCache, prefix_bytes
 from milp.memory import MemoryConfig, inject_memory, remove_memory
 
 

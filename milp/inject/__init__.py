@@ -28,6 +28,7 @@ import lightning as L
 from milp.adapters import find_memory
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User, user_seed
+from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement
 from milp.store import adapters_root
 
@@ -88,6 +89,7 @@ class Injector:
         compare_without_memory: bool,
         seed: int,
         callbacks: Any = None,
+        fast: Any = None,
     ) -> None:
         self.base, self.memory, self.placement = base, memory, placement
         self.datamodule = datamodule
@@ -95,6 +97,7 @@ class Injector:
         self.optim, self.generation = dict(optim), dict(generation)
         self.compare_without_memory = bool(compare_without_memory) and memory.enabled
         self.seed = int(seed)
+        self.fast = FastPath.from_config(fast)
         self.resume_root = (
             adapters_root(memory.resume_from, "memory.resume_from") if memory.resume_from else None
         )

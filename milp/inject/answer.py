@@ -11,7 +11,7 @@ reproducible.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User
+from milp.inject.fast import bf16_frozen_weights, bf16_supported, fast_autocast
 from milp.metrics import ResponseMetrics, tokenize
 
 # switch(user_ids of the batch's rows, use_memory) -> a context in which the model answers
@@ -82,13 +83,21 @@ def answer_queries(
     switch: MemorySwitch,
     generation: dict,
     compare_without_memory: bool,
+    bf16: bool = False,
 ) -> Answers:
     """Answer every query of `users` (in file order, mixed batches), with memory and, if
-    `compare_without_memory`, without it; the model's module modes are restored after."""
+    `compare_without_memory`, without it; the model's module modes are restored after.
+    `bf16`: decode under bf16 autocast with bf16 frozen weights where the hardware has
+    bf16 (`injection.fast.bf16_answers`; answers may then differ from float32's)."""
     tokens = {u.user_id: history_tokens(u) for u in users}
     answers = Answers()
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    device = next(model.parameters()).device
+    bf16 = bf16 and bf16_supported(device)
+    precision = ExitStack()
+    precision.enter_context(fast_autocast(device, bf16))
+    precision.enter_context(bf16_frozen_weights(model, bf16))
     try:
         for batch in datamodule.select(list(users)).query_dataloader():
             ids = batch["user_ids"]
@@ -111,6 +120,7 @@ def answer_queries(
                     record["prediction_no_memory"] = baseline[i]
                 answers.predictions.append(record)
     finally:
+        precision.close()
         for m, mode in modes.items():
             m.training = mode
     return answers

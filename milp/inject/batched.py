@@ -39,7 +39,8 @@ from milp.errors import MilpError
 from milp.inject import Injector, TrainedUser, seed_user
 from milp.inject.answer import answer_queries
 from milp.inject.bank import MemoryBank, Target, UserWeights, fresh_weights, memory_targets
-from milp.inject.loss import pad_batch, per_slot_loss
+from milp.inject.fast import FastPath, fast_autocast, fast_training
+from milp.inject.loss import pack_rows, pad_batch, target_loss
 from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot, clip_grad_value_
 from milp.memory import MemoryConfig
 
@@ -175,9 +176,14 @@ class SlotTrainer:
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         targets: list[Target] | None = None,
+        fast: FastPath | None = None,
+        start_layer: int = 0,
     ) -> None:
         self.model, self.pad_token_id, self.memory = model, pad_token_id, memory
         self.settings = settings
+        self.fast = fast if fast is not None else FastPath.from_config(False)
+        self.start_layer = int(start_layer)
+        self.prefix = None
         self.device = torch.device(settings.device)
         self.targets = targets if targets is not None else memory_targets(model, memory)
         self.bank = MemoryBank(self.targets, slots, memory, device=self.device)
@@ -187,9 +193,9 @@ class SlotTrainer:
         self.autocast_dtype = SUPPORTED_PRECISION[settings.precision]
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        )
+        if self.autocast_dtype is None:  # trainer.precision 32-true: the fast path's choice
+            return fast_autocast(self.device, self.fast.bf16)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train(
         self,
@@ -214,32 +220,37 @@ class SlotTrainer:
         # (eval), the new memory wrappers in training mode (their dropout is active).
         self.bank.attach(self.model)
         try:
-            while True:
-                for s in range(slots):
-                    while active[s] is None and queue:
-                        active[s] = self._enter(queue.pop(0), s, datamodule, start, seed)
-                        if active[s].upcoming is None:  # nothing to train on at all
-                            yield self._leave(active, s)
-                running = [s for s in range(slots) if active[s] is not None]
-                if not running:
-                    return
-                started = time.perf_counter()
-                parts = [active[s].upcoming for s in running]
-                losses, tokens = self._step(running, parts)
-                for s in running:
-                    slot = active[s]
-                    slot.upcoming = next(slot.stream, None)
-                elapsed = time.perf_counter() - started
-                total_tokens = max(sum(int(tokens[s]) for s in running), 1)
-                for s in running:
-                    slot = active[s]
-                    slot.steps += 1
-                    slot.tokens += int(tokens[s])
-                    slot.seconds += elapsed * int(tokens[s]) / total_tokens
-                    slot.loss = float(losses[s])
-                    if slot.upcoming is None:
-                        yield self._leave(active, s)
+            with fast_training(self.model, self.fast, self.device, self.start_layer) as fast:
+                self.prefix = fast.prefix
+                while True:
+                    for s in range(slots):
+                        while active[s] is None and queue:
+                            active[s] = self._enter(queue.pop(0), s, datamodule, start, seed)
+                            if active[s].upcoming is None:  # nothing to train on at all
+                                with fast.paused():  # the caller may answer meanwhile
+                                    yield self._leave(active, s)
+                    running = [s for s in range(slots) if active[s] is not None]
+                    if not running:
+                        return
+                    started = time.perf_counter()
+                    parts = [active[s].upcoming for s in running]
+                    losses, tokens = self._step(running, parts)
+                    for s in running:
+                        slot = active[s]
+                        slot.upcoming = next(slot.stream, None)
+                    elapsed = time.perf_counter() - started
+                    total_tokens = max(sum(int(tokens[s]) for s in running), 1)
+                    for s in running:
+                        slot = active[s]
+                        slot.steps += 1
+                        slot.tokens += int(tokens[s])
+                        slot.seconds += elapsed * int(tokens[s]) / total_tokens
+                        slot.loss = float(losses[s])
+                        if slot.upcoming is None:
+                            with fast.paused():
+                                yield self._leave(active, s)
         finally:
+            self.prefix = None
             self.bank.detach(self.model)
 
     def _enter(self, user, slot, datamodule, start, seed) -> _Slot:
@@ -257,6 +268,8 @@ class SlotTrainer:
     def _leave(self, active: list[_Slot | None], s: int) -> FinishedUser:
         slot = active[s]
         active[s] = None
+        if self.prefix is not None:
+            self.prefix.release(s)
         return FinishedUser(
             slot.user, self.bank.user_weights(s), slot.loss, slot.steps, slot.tokens, slot.seconds
         )
@@ -269,9 +282,16 @@ class SlotTrainer:
                 for s, p in zip(running, parts, strict=True)
             ]
         )
+        tokens = torch.zeros(self.bank.slots, dtype=torch.long)
+        tokens.index_add_(0, row_slots, batch["attention_mask"].sum(1))
+        if self.fast.pack:  # one row per user: the bank routes rows, so slots stay apart
+            batch = pack_rows(batch, row_slots.tolist(), self.pad_token_id)
+            row_slots = batch.pop("groups").cpu()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        owners = row_slots.tolist()  # prefix-cache entries are filed by slot
         with self.bank.routing(row_slots), self._autocast():
-            losses, _ = per_slot_loss(self.model, batch, row_slots.to(self.device), self.bank.slots)
+            rows = target_loss(self.model, batch, self.prefix, owners)
+            losses, _ = rows.per_group(row_slots.to(self.device), self.bank.slots)
         losses[running].sum().backward()
         settings = self.settings
         if settings.gradient_clip_val:
@@ -281,9 +301,6 @@ class SlotTrainer:
                 clip_grad_value_(self.bank, float(settings.gradient_clip_val))
         self.optimizer.step(running)
         self.optimizer.zero_grad()
-        tokens = torch.zeros(self.bank.slots, dtype=torch.long)
-        mask = batch["attention_mask"].sum(1).cpu()
-        tokens.index_add_(0, row_slots, mask)
         return losses.detach().cpu(), tokens
 
 
@@ -305,6 +322,8 @@ class BatchedInjector(Injector):
                 self.slots,
                 self.settings,
                 targets=self.targets,
+                fast=self.fast,
+                start_layer=min(self.placement.layers) if self.placement else 0,
                 **self.optim,
             )
             self.answer_bank = MemoryBank(
@@ -359,6 +378,7 @@ class BatchedInjector(Injector):
                 switch,
                 self.generation,
                 self.compare_without_memory,
+                bf16=self.fast.bf16_answers,
             )
         finally:
             if bank is not None:

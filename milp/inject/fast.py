@@ -1,69 +1,49 @@
-"""The fast path of memory training: building blocks shared by both injectors.
+"""The fast path of memory training: how both injectors train memory quickly.
 
 A memory step trains a few LoRA matrices on top of a frozen base; most of its cost is
-the base model's own arithmetic, and much of that is avoidable without changing what
-is computed:
+the base model's own arithmetic, and much of that is avoidable. `FastPath`
+(`injection.fast` in conf/injection/*.yaml) chooses the pieces, and `fast_training`
+sets them up around one user's (or one bank's) training:
 
-- `bf16_supported` / `fast_autocast`: bf16 autocast where the hardware has bf16 matrix
-  units (CPU `avx512_bf16` / `amx_bf16`, CUDA `is_bf16_supported`), TF32 on CUDA;
-  anything else keeps float32. The memory weights, the optimizer and the loss stay
-  float32; only the matrix products of the forward/backward run in bf16.
-- `bf16_frozen_weights`: the frozen linear weights held in bf16 while training under
-  autocast (the same numbers as autocast's per-call casts, without the copies);
-  `cpu_attention`: eager attention on CPU, faster than SDPA at these lengths.
-- `target_loss`: the causal-LM loss with the output head applied only at target
-  positions (labels != IGNORE_INDEX after the shift); prompt and padding positions,
-  whose loss is masked anyway, skip the vocabulary projection and the softmax. It
-  returns per-row sums and token counts (`RowLoss`), from which the per-user path
-  takes the batch mean (the model's own `.loss`) and the batched path each user's mean.
-- `PrefixCache`: below the lowest memory layer L the model is frozen, so the hidden
-  states entering layer L are the same on every epoch. They are computed once per
-  history example and reused; each step runs only layers L.. and the head.
-- `pack_rows`: a batch's examples packed end to end (block-diagonal attention), so no
-  padding token is computed and the batch is the same: exact.
-- `length_bucketed_batches` / `LengthBucketSampler`: batches of similar length (fewer
-  padding tokens without packing); this regroups examples, so it changes results.
+- bf16 autocast where the hardware has bf16 matrix units (CPU `avx512_bf16` /
+  `amx_bf16`, CUDA `is_bf16_supported`), TF32 on CUDA; anything else keeps float32.
+  The memory weights, the optimizer and the loss stay float32; only the matrix products
+  of the forward/backward run in bf16, with the frozen linear weights held in bf16 for
+  the duration (the same numbers as autocast's per-call casts, without the copies).
+  This changes numerics: `experiments/bench_real.py` checks the final training loss
+  against float32 within a stated tolerance.
+- packed batches (`milp.inject.loss.pack_rows`): no padding token is computed. Exact.
+- the frozen-prefix cache (`milp.inject.prefix.PrefixCache`): hidden states entering the
+  lowest memory layer computed once per history example and replayed on later epochs.
+  Exact; memory bounded by `prefix_cache_mib`.
+- eager attention on CPU, faster than SDPA at memory training's lengths. Exact up to
+  float rounding.
+- logits at target positions only (`milp.inject.loss.target_loss`): always on. Exact.
 
-Exactness: packing, the prefix cache and target-only logits compute the same function
-as the full forward (up to float summation order; tests check loss and gradients).
-bf16 changes numerics (tolerance-checked by `experiments/bench_real.py`); bucketing
-changes which examples share a step (same examples per epoch, other groupings).
+Answering runs in float32 unless `bf16_answers` is set: greedy decoding turns small
+numeric differences into other words, so bf16 answers are a choice, not a default.
+
+`length_bucketed_batches` / `LengthBucketSampler` (batches of similar length) regroup
+which examples share a step, so they change results; packing removes the padding they
+would save, and no injector uses them.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from milp.data.datamodule import IGNORE_INDEX
-from milp.inject.prefix import DEFAULT_MAX_BYTES, PrefixCache, prefix_bytes
+from milp.errors import MilpError
+from milp.inject.loss import causal_lm
+from milp.inject.prefix import PrefixCache
 
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "LengthBucketSampler",
-    "PrefixCache",
-    "RowLoss",
-    "bf16_frozen_weights",
-    "bf16_supported",
-    "cpu_attention",
-    "head_loss",
-    "length_bucketed_batches",
-    "model_inputs",
-    "pack_rows",
-    "fast_autocast",
-    "prefix_bytes",
-    "target_loss",
-]
-
-# Config attributes of models whose logits are not simply lm_head(hidden): their loss
-# uses the model's full forward.
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -143,6 +123,9 @@ def bf16_frozen_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]
         yield len(swapped)
     finally:
         for module, weight in swapped:
+            current = module.weight.device
+            if weight.device != current:  # the model was moved meanwhile (Trainer.fit)
+                weight.data = weight.data.to(current)
             module.weight = weight
 
 
@@ -169,147 +152,95 @@ def cpu_attention(model: nn.Module, device: str | torch.device) -> Iterator[str]
             setter(previous)
 
 
-# ----------------------------------------------------------------------------- loss
+# ----------------------------------------------------------------------------- settings
 
 
-@dataclass
-class RowLoss:
-    """Summed target-token cross-entropy and target-token count of each batch row."""
+@dataclass(frozen=True)
+class FastPath:
+    """Which fast-path pieces memory training uses (`injection.fast`); see module doc."""
 
-    sums: torch.Tensor  # [rows], float32, carries the graph
-    counts: torch.Tensor  # [rows], long
+    bf16: bool = True  # bf16 autocast where `bf16_supported` (float32 elsewhere)
+    pack: bool = True
+    prefix_cache: bool = True
+    prefix_cache_mib: int = 1024  # above this, examples are recomputed each step
+    eager_attention: bool = True  # CPU only
+    bf16_answers: bool = False
 
-    def mean(self) -> torch.Tensor:
-        """Mean over all target tokens of the batch: the model's own `.loss`."""
-        return self.sums.sum() / self.counts.sum().clamp(min=1)
+    @classmethod
+    def from_config(cls, config: Any) -> FastPath:
+        """Settings from `injection.fast` (a mapping, None for the defaults, or False for
+        the plain float32 path), refusing unknown keys."""
+        if isinstance(config, FastPath):
+            return config
+        if config is False:
+            return cls(bf16=False, pack=False, prefix_cache=False, eager_attention=False)
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise MilpError(
+                f"injection.fast.{unknown[0]} is not a fast-path setting"
+                f" (known: {', '.join(sorted(known))})"
+            )
+        if int(config.get("prefix_cache_mib", 1)) < 0:
+            raise MilpError("injection.fast.prefix_cache_mib must be >= 0")
+        return cls(**config)
 
-    def per_group(self, groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss and target tokens of each group of rows (`groups[row]` in
-        0..num_groups-1, e.g. the bank slot of each row); empty groups get loss 0."""
-        sums = torch.zeros(num_groups, device=self.sums.device, dtype=self.sums.dtype)
-        sums = sums.index_add(0, groups, self.sums)
-        counts = torch.zeros(num_groups, device=self.counts.device, dtype=torch.long)
-        counts = counts.index_add(0, groups, self.counts)
-        return sums / counts.clamp(min=1), counts
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def decoder_of(model: nn.Module) -> nn.Module | None:
-    """The model's decoder stack (`model.model` for Llama-family models), if it has one."""
-    lm = causal_lm(model)
-    try:
-        return lm.get_decoder()
-    except (AttributeError, ValueError, NotImplementedError):
-        return None
-
-
-def head_of(model: nn.Module) -> nn.Module | None:
-    """The output projection, when logits are exactly `head(final hidden states)`."""
-    lm = causal_lm(model)
-    if any(getattr(lm.config, k, None) for k in LOGIT_POSTPROCESSING):
-        return None
-    return lm.get_output_embeddings()
+    def uses_bf16(self, device: str | torch.device) -> bool:
+        """Whether training on `device` runs under bf16 autocast."""
+        return self.bf16 and bf16_supported(device)
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> RowLoss:
-    """`RowLoss` of final hidden states [rows, T, H] against right-shifted `labels`,
-    projecting only the positions whose next token is a target."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep])
-    losses = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    sums = torch.zeros(labels.shape[0], device=losses.device).index_add(0, rows, losses)
-    return RowLoss(sums, keep.sum(1))
+class FastTraining:
+    """The fast path's setup while `model` trains memory on `device` from layer
+    `start_layer` up (a context manager; see `fast_training`)."""
+
+    def __init__(
+        self, model: nn.Module, fast: FastPath, device: str | torch.device, start_layer: int
+    ) -> None:
+        self.model, self.fast, self.device = model, fast, torch.device(device)
+        self.prefix: PrefixCache | None = None
+        if fast.prefix_cache and start_layer > 0:
+            # Built before the weights go bf16: its probe compares float32 forwards.
+            cache = PrefixCache(model, start_layer, fast.prefix_cache_mib << 20)
+            self.prefix = cache if cache.enabled else None
+        self._stack = ExitStack()
+
+    def _apply(self) -> None:
+        self._stack = ExitStack()
+        if self.fast.eager_attention:
+            self._stack.enter_context(cpu_attention(self.model, self.device))
+        self._stack.enter_context(bf16_frozen_weights(self.model, self.fast.uses_bf16(self.device)))
+
+    def __enter__(self) -> FastTraining:
+        self._apply()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        if self.prefix is not None:
+            self.prefix.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The model as it was (float32 weights, its own attention) for a while, e.g.
+        to answer queries between training steps; the prefix cache is kept."""
+        self._stack.close()
+        try:
+            yield
+        finally:
+            self._apply()
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The forward's inputs of a right-padded batch (ids, attention mask) or of a packed
-    one (ids, position ids: a transformers model then attends within each example)."""
-    if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def target_loss(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    prefix: PrefixCache | None = None,
-    owners: Sequence | None = None,
-) -> RowLoss:
-    """Causal-LM loss of a batch, the head computed at target positions only.
-
-    The batch is right-padded (`input_ids`, `attention_mask`, `labels` with IGNORE_INDEX
-    outside targets: the collator's layout) or packed (`pack_rows`). With an enabled
-    `prefix` cache the layers below its start layer are replayed from the cache
-    (`owners[row]`: whose entries, see `PrefixCache.final_hidden`). Models whose logits
-    are post-processed (soft-capping, scaling) or that have no separable head use
-    their full forward: same loss, no savings.
-    """
-    head, decoder = head_of(model), decoder_of(model)
-    if head is None or decoder is None:
-        logits = model(**model_inputs(batch), use_cache=False).logits
-        return _full_logits_loss(logits, batch["labels"])
-    if prefix is not None and prefix.enabled:
-        hidden = prefix.final_hidden(batch, owners)
-    else:
-        hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state
-    return head_loss(head, hidden, batch["labels"])
-
-
-def pack_rows(
-    batch: dict[str, torch.Tensor], groups: Sequence[int] | None = None, pad_id: int = 0
-) -> dict[str, torch.Tensor]:
-    """Pack a right-padded batch: the examples of each group (default: all rows) one
-    after another in one row, no padding between them, each with positions from 0.
-
-    transformers models given `position_ids` and no attention mask attend within each
-    example only (a block-diagonal causal mask), so every example's loss is what it is
-    in the padded batch; each example's first label is masked (it would otherwise be
-    the target of the previous example's last token). Rows are padded at the end as an
-    example of their own, which no real token attends to. Returns `input_ids`,
-    `position_ids`, `labels`, `segment_lengths` [rows, examples] and `groups` (the
-    group of each packed row, in order of first appearance).
-    """
-    lengths = batch["attention_mask"].sum(1).tolist()
-    groups = [0] * len(lengths) if groups is None else [int(g) for g in groups]
-    order = list(dict.fromkeys(groups))
-    members = [[r for r, g in enumerate(groups) if g == group] for group in order]
-    width = max(sum(lengths[r] for r in rows) for rows in members)
-    ids = batch["input_ids"].new_full((len(order), width), pad_id)
-    labels = batch["labels"].new_full((len(order), width), IGNORE_INDEX)
-    positions = batch["input_ids"].new_zeros((len(order), width))
-    segments = torch.zeros(len(order), max(map(len, members)), dtype=torch.long)
-    for p, rows in enumerate(members):
-        start = 0
-        for s, r in enumerate(rows):
-            n = lengths[r]
-            ids[p, start : start + n] = batch["input_ids"][r, :n]
-            labels[p, start + 1 : start + n] = batch["labels"][r, 1:n]
-            positions[p, start : start + n] = torch.arange(n)
-            segments[p, s] = n
-            start += n
-        positions[p, start:] = torch.arange(width - start)
-    return {
-        "input_ids": ids,
-        "position_ids": positions,
-        "labels": labels,
-        "segment_lengths": segments.to(ids.device),
-        "groups": torch.tensor(order, device=ids.device),
-    }
-
-
-def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> RowLoss:
-    targets = labels[:, 1:]
-    losses = nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
-    )  # IGNORE_INDEX positions give 0
-    return RowLoss(losses.sum(1), (targets != IGNORE_INDEX).sum(1))
+def fast_training(
+    model: nn.Module, fast: FastPath, device: str | torch.device, start_layer: int
+) -> FastTraining:
+    """`with fast_training(...) as session:` sets up the fast path for training `model`'s
+    memory on `device` from layer `start_layer` up. `session.prefix` is the prefix cache
+    to pass to `target_loss` (None when off, when no frozen layer lies below the memory,
+    or when the model is unsupported); run the steps under `fast_autocast(device,
+    fast.bf16)`."""
+    return FastTraining(model, fast, device, start_layer)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -20,6 +20,7 @@ from milp.adapters import load_memory, peft_module_states
 from milp.data.users import User
 from milp.inject import Injector, TrainedUser, seed_user
 from milp.inject.answer import answer_queries
+from milp.inject.fast import fast_training
 from milp.inject.module import MemoryInjectionModule
 from milp.memory import inject_memory, remove_memory, trainable_parameters
 
@@ -59,6 +60,7 @@ class SequentialInjector(Injector):
                 switch,
                 self.generation,
                 self.compare_without_memory,
+                bf16=self.fast.bf16_answers,
             )
             return TrainedUser(
                 user=user,
@@ -75,10 +77,19 @@ class SequentialInjector(Injector):
 
     def train(self, model: torch.nn.Module, user: User) -> float:
         """Fit the memory modules on the user's history; returns the last training loss."""
-        module = MemoryInjectionModule(model, **self.optim)
         callbacks = list(instantiate(self.callbacks).values()) if self.callbacks else []
         trainer: L.Trainer = instantiate(self.trainer, logger=False, callbacks=callbacks)
-        trainer.fit(module, datamodule=self.datamodule.select(user))
+        device = trainer.strategy.root_device
+        start_layer = min(self.placement.layers) if self.placement else 0
+        with fast_training(model, self.fast, device, start_layer) as fast:
+            module = MemoryInjectionModule(
+                model,
+                **self.optim,
+                fast=self.fast,
+                pad_token_id=self.base.tokenizer.pad_token_id,
+                prefix=fast.prefix,
+            )
+            trainer.fit(module, datamodule=self.datamodule.select(user))
         if trainer.interrupted:
             raise KeyboardInterrupt
         return float(trainer.callback_metrics.get("train/loss", torch.nan))
