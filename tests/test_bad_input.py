@@ -359,6 +359,16 @@ ROWS = [
         lambda tmp: ["data=chitchat", "data.users.max_history=0"],
         "data.users.max_history must be an integer >= 1 or null (all earlier replies), got 0",
     ),
+    (
+        "shakespeare-history-fraction-1",
+        lambda tmp: ["data=shakespeare", "data.users.history_fraction=1"],
+        "data.users.history_fraction must be a number in (0, 1), got 1",
+    ),
+    (
+        "shakespeare-texts-missing",
+        lambda tmp: ["data=shakespeare", f"data.users.texts={tmp / 'no-plays'}"],
+        "no-plays: not a directory",
+    ),
 ]
 
 

@@ -16,7 +16,8 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 CONF = ROOT / "conf"
-LOADED_DATA = ("synthetic", "lamp4", "lamp5", "lamp7", "history")
+LOADED_DATA = ("synthetic", "lamp4", "lamp5", "lamp7", "history", "chitchat", "shakespeare")
+FIXTURES = ROOT / "tests" / "fixtures"
 LOADED_MODELS = ("tiny",)
 
 
@@ -82,6 +83,17 @@ def data_overrides(option: str, tmp_path: Path) -> list[str]:
         record = {"user_id": "u", "history": [{"prompt": "hi", "response": "hey"}]}
         path.write_text(json.dumps(record | {"queries": [{"prompt": "yo"}]}) + "\n")
         return [f"data.path={path}"]
+    # The real dialogue sources, converted from their small excerpts in tests/fixtures.
+    if option == "chitchat":
+        corpus = FIXTURES / "chitchat.json"
+        return [f"data.users.corpus={corpus}", "data.users.min_history=10"] + [
+            f"data.users.{key}_users=1" for key in ("test", "dev")
+        ]
+    if option == "shakespeare":
+        users = {"texts": FIXTURES / "shakespeare", "min_history": 5, "test_users": 2}
+        return [f"data.users.{k}={v}" for k, v in users.items()] + [
+            f"data.users.{key}_users=1" for key in ("dev", "train")
+        ]
     return []
 
 
@@ -92,6 +104,8 @@ def test_every_data_option(option, cache, tmp_path):
     if option in LOADED_DATA:
         datamodule = instantiate(cfg.data)
         assert datamodule.users and datamodule.name
+        if option in ("chitchat", "shakespeare"):  # real sources name what they came from
+            assert str(FIXTURES) in datamodule.source["path"]
 
 
 @pytest.mark.parametrize("option", options(CONF / "model"))

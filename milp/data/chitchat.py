@@ -2,10 +2,12 @@
 
 The corpus holds 7,168 two-person conversations (258k messages, 1,315 anonymous sender
 ids, timestamps). A *turn* is one sender's consecutive messages. Each reply a sender
-writes becomes a (previous turn -> this reply) pair. The split is **time-based per
-user**: a user's earlier replies are their history (the profile memory is trained on);
-their last `queries_per_user` replies are the queries, the previous turn in that
-conversation being the input and the user's actual reply the gold output.
+writes becomes a (recent turns -> this reply) pair: the last `context_turns` turns of
+the conversation before it (`milp/data/dialogue.py`; the user's own labelled `You`,
+the partner's `Them`; with 1, the partner's last turn alone). The split is
+**time-based per user**: a user's earlier replies are their history (the profile memory
+is trained on); their last `queries_per_user` replies are the queries, the recent turns
+in that conversation being the input and the user's actual reply the gold output.
 
 Users with at least `min_history` earlier replies qualify; a seeded draw picks
 `test_users` / `dev_users` / `train_users` of them (disjoint). Files are written in the
@@ -16,7 +18,6 @@ LaMP schema (`{split}_questions.json` with `user_id`, `{split}_outputs.json`, ta
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import random
 from dataclasses import astuple, dataclass
@@ -24,27 +25,37 @@ from pathlib import Path
 from typing import Any
 
 from milp.data.checks import setting_int
+from milp.data.dialogue import Turn, render_context
 from milp.data.lamp import load_lamp_split
+from milp.data.sources import package_dir, package_source
 from milp.errors import MilpError
 from milp.files import publish_dir
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 INSTALL_HINT = "pip install chitchat-dataset==0.9.0"
+PARTNER_LABEL = "Them"
 
 
 def corpus_path() -> Path:
     """The corpus JSON inside the installed `chitchat_dataset` package."""
-    spec = importlib.util.find_spec("chitchat_dataset")
-    if spec is None or spec.origin is None:
-        raise MilpError(f"data=chitchat needs the chitchat-dataset package: {INSTALL_HINT}")
-    path = Path(spec.origin).parent / "dataset.json"
+    path = package_dir("chitchat_dataset", "data=chitchat", INSTALL_HINT) / "dataset.json"
     if not path.is_file():
         raise MilpError(f"{path}: missing from the chitchat-dataset package; reinstall it")
     return path
 
 
-def read_replies(path: Path) -> dict[str, list[dict]]:
-    """Every reply of every sender, oldest first: {sender: [{id, context, text, date}]}."""
+def source_info(corpus: str | None = None) -> dict:
+    """What the users were converted from, for metrics.json (`data_source`)."""
+    if corpus is not None:
+        return {"path": str(corpus), "converter_version": CONVERTER_VERSION}
+    corpus_path()
+    return package_source("chitchat-dataset", converter_version=CONVERTER_VERSION)
+
+
+def read_replies(path: Path, context_turns: int = 1) -> dict[str, list[dict]]:
+    """Every reply of every sender, oldest first: {sender: [{id, context, text, date}]};
+    `context` renders the `context_turns` turns before the reply."""
+    setting_int("data.users.context_turns", context_turns, 1)
     try:
         conversations = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -59,13 +70,18 @@ def read_replies(path: Path) -> dict[str, list[dict]]:
             sender = turn[0]["sender"]
             if previous[0]["sender"] == sender:
                 continue  # not a reply to the other person
-            context = " ".join(m["text"].strip() for m in previous).strip()
             text = " ".join(m["text"].strip() for m in turn).strip()
-            if context and text:
+            recent = [
+                Turn(t[0]["sender"], " ".join(m["text"].strip() for m in t).strip())
+                for t in turns[max(0, index - context_turns) : index]
+                if t
+            ]
+            recent = [t for t in recent if t.text]
+            if text and recent and recent[-1].speaker != sender:
                 replies.setdefault(sender, []).append(
                     {
                         "id": f"{conversation_id}-{index}",
-                        "context": context,
+                        "context": render_context(recent, sender, context_turns, PARTNER_LABEL),
                         "text": text,
                         "date": turn[0]["timestamp"],
                     }
@@ -97,9 +113,13 @@ class SplitSettings:
     test_users: int = 8
     dev_users: int = 4
     train_users: int = 0
+    context_turns: int = 1
+    # The corpus JSON to convert (null: the installed chitchat-dataset package's).
+    corpus: str | None = None
 
     def __post_init__(self) -> None:
         setting_int("data.users.min_history", self.min_history, 1)
+        setting_int("data.users.context_turns", self.context_turns, 1)
         setting_int("data.users.max_history", self.max_history, 1, "all earlier replies")
         setting_int("data.users.queries_per_user", self.queries_per_user, 1)
         for key in ("test_users", "dev_users", "train_users"):
@@ -115,7 +135,10 @@ class SplitSettings:
 def write_chitchat_lamp(directory: str | Path, settings: SplitSettings) -> Path:
     """Convert the corpus into LaMP-schema splits under `directory` (atomically)."""
     s = settings
-    replies = read_replies(corpus_path())
+    corpus = Path(s.corpus) if s.corpus is not None else corpus_path()
+    if not corpus.is_file():
+        raise MilpError(f"data.users.corpus: {corpus}: file not found")
+    replies = read_replies(corpus, s.context_turns)
     eligible = sorted(
         u for u, items in replies.items() if len(items) >= s.min_history + s.queries_per_user
     )

@@ -29,8 +29,13 @@ class PromptFormat:
 
     Prompts are cut at `max_prompt_tokens` (keeping their beginning, where LaMP puts the
     instruction, and always keeping the answer cue at the end); targets at
-    `max_target_tokens`. Training and generation share this, so the memory is trained on
-    exactly the layout it is asked to answer in.
+    `max_target_tokens`. A dialogue prompt (one turn per line, `milp/data/dialogue.py`)
+    sets `turn_separator`: it loses whole turns from its start first, so the turn being
+    answered, the last, stays; only a last turn too long on its own is cut at its end.
+    A header that ends with a blank line (retrieved items, `query_template`
+    `'{items}.\n\n{prompt}'`) is kept whole before the turns.
+    Training and generation share this, so the memory is trained on exactly the layout
+    it is asked to answer in.
     """
 
     template: str = "{prompt}\nAnswer:"
@@ -39,6 +44,7 @@ class PromptFormat:
     # Text between the answer cue and the answer: a space after "Answer:"; nothing after
     # a chat template's "assistant\n", whose replies start right away.
     target_prefix: str = " "
+    turn_separator: str | None = None
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
@@ -61,6 +67,15 @@ class PromptFormat:
                 f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for the "
                 f"prompt after the template {self.template!r}"
             )
+        if len(body_ids) > room and self.turn_separator and self.turn_separator in prompt:
+            # A header (retrieved items) ends at the last blank line; only the turns after
+            # it are dropped.
+            header, blank, dialogue = prompt.rpartition(self.turn_separator * 2)
+            turns = dialogue.split(self.turn_separator)
+            while len(body_ids) > room and len(turns) > 1:
+                turns = turns[1:]
+                text = header + blank + self.turn_separator.join(turns)
+                body_ids = tokenizer.encode(text, add_special_tokens=not head)
         return head_ids + body_ids[:room] + tail_ids
 
     def target_ids(self, tokenizer, target: str) -> list[int]:
@@ -142,6 +157,7 @@ class UserDataModule(L.LightningDataModule):
         retrieval_format: RetrievalFormat | None = None,
         min_examples_per_epoch: int = 0,
         allow_gold_in_history: bool = False,
+        source: dict | None = None,
     ) -> None:
         super().__init__()
         self.min_examples_per_epoch = setting_int(
@@ -156,8 +172,11 @@ class UserDataModule(L.LightningDataModule):
             )
         self.format = prompt_format or PromptFormat()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        # `path`: where the users were read from (data.path), recorded in metrics.json.
+        # `path`: where the users were read from (data.path); `source`: the package and
+        # version a real source was converted from (milp/data/sources.py). Both are
+        # recorded in metrics.json, so a result can be traced to its data.
         self.name, self.path = name, path
+        self.source = dict(source) if source is not None else None
         for user in users:
             if len(user.history) < min_history:
                 raise MilpError(

@@ -56,7 +56,8 @@ def _tweet_pair(item: dict[str, Any]) -> HistoryPair:
 
 
 def _reply_pair(item: dict[str, Any]) -> HistoryPair:
-    # Chat replies (milp/data/chitchat.py): the message replied to -> the user's reply.
+    # Dialogue replies (milp/data/chitchat.py, shakespeare.py): the recent turns -> the
+    # user's reply.
     return HistoryPair(prompt=item["context"], target=item["text"], source=item["context"])
 
 
@@ -65,6 +66,7 @@ TASKS: dict[str, LampTask] = {
     "LaMP_5": LampTask("LaMP_5", ("abstract", "title"), _title_pair),
     "LaMP_7": LampTask("LaMP_7", ("text",), _tweet_pair),
     "chitchat": LampTask("chitchat", ("context", "text"), _reply_pair),
+    "shakespeare": LampTask("shakespeare", ("context", "text"), _reply_pair),
 }
 
 
