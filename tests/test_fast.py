@@ -155,6 +155,16 @@ def test_packed_rows_give_the_same_loss_and_gradients(llama):
     means, _ = target_loss(model, by_group, cache, owners=[1, 0]).per_group(by_group["groups"], 2)
     assert torch.allclose(means[0], model(**subset(batch, [1, 2])).loss, rtol=1e-5)
     assert torch.allclose(means[1], model(**subset(batch, [0, 3])).loss, rtol=1e-5)
+    # Rows capped at the padded width (12): longest first into the first row with room.
+    capped = pack_rows(batch, pad_id=0, max_width=12)
+    assert capped["segment_lengths"].tolist() == [[12, 0], [9, 0], [5, 7]]
+    assert capped["input_ids"].shape == (3, 12)
+    loss, grads = loss_and_grads(model, capped, None)
+    assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6)
+    by_group = pack_rows(batch, groups, pad_id=0, max_width=12)
+    assert by_group["groups"].tolist() == [1, 0, 0]  # a group's rows stay adjacent
 
 
 def test_prefix_cache_memory_cap_and_release(llama):

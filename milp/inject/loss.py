@@ -119,10 +119,18 @@ def target_loss(
 
 
 def pack_rows(
-    batch: dict[str, torch.Tensor], groups: Sequence[int] | None = None, pad_id: int = 0
+    batch: dict[str, torch.Tensor],
+    groups: Sequence[int] | None = None,
+    pad_id: int = 0,
+    max_width: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pack a right-padded batch: the examples of each group (default: all rows) one
-    after another in one row, no padding between them, each with positions from 0.
+    after another, no padding between them, each with positions from 0.
+
+    With `max_width`, a group's examples are laid into rows of at most that many tokens
+    (or the longest example, if longer), longest first into the first row with room:
+    attention, which is quadratic in a row's length, then costs no more than in the
+    padded batch. Without it each group is one row.
 
     transformers models given `position_ids` and no attention mask attend within each
     example only (a block-diagonal causal mask), so every example's loss is what it is
@@ -130,18 +138,33 @@ def pack_rows(
     the target of the previous example's last token). Rows are padded at the end as an
     example of their own, which no real token attends to. Returns `input_ids`,
     `position_ids`, `labels`, `segment_lengths` [rows, examples] and `groups` (the
-    group of each packed row, in order of first appearance).
+    group of each packed row; a group's rows are adjacent, groups in order of first
+    appearance).
     """
     lengths = batch["attention_mask"].sum(1).tolist()
     groups = [0] * len(lengths) if groups is None else [int(g) for g in groups]
     order = list(dict.fromkeys(groups))
-    members = [[r for r, g in enumerate(groups) if g == group] for group in order]
-    width = max(sum(lengths[r] for r in rows) for rows in members)
-    ids = batch["input_ids"].new_full((len(order), width), pad_id)
-    labels = batch["labels"].new_full((len(order), width), IGNORE_INDEX)
-    positions = batch["input_ids"].new_zeros((len(order), width))
-    segments = torch.zeros(len(order), max(map(len, members)), dtype=torch.long)
-    for p, rows in enumerate(members):
+    packed: list[tuple[int, list[int]]] = []  # (group, its examples) per packed row
+    for group in order:
+        members = [r for r, g in enumerate(groups) if g == group]
+        if max_width is None:
+            packed.append((group, members))
+            continue
+        cap = max(max_width, max(lengths[r] for r in members))
+        bins: list[list[int]] = []
+        for r in sorted(members, key=lambda r: -lengths[r]):
+            fit = next((b for b in bins if sum(lengths[x] for x in b) + lengths[r] <= cap), None)
+            if fit is None:
+                bins.append([r])
+            else:
+                fit.append(r)
+        packed += [(group, sorted(b)) for b in bins]
+    width = max(sum(lengths[r] for r in rows) for _, rows in packed)
+    ids = batch["input_ids"].new_full((len(packed), width), pad_id)
+    labels = batch["labels"].new_full((len(packed), width), IGNORE_INDEX)
+    positions = batch["input_ids"].new_zeros((len(packed), width))
+    segments = torch.zeros(len(packed), max(len(rows) for _, rows in packed), dtype=torch.long)
+    for p, (_, rows) in enumerate(packed):
         start = 0
         for s, r in enumerate(rows):
             n = lengths[r]
@@ -156,7 +179,7 @@ def pack_rows(
         "position_ids": positions,
         "labels": labels,
         "segment_lengths": segments.to(ids.device),
-        "groups": torch.tensor(order, device=ids.device),
+        "groups": torch.tensor([g for g, _ in packed], device=ids.device),
     }
 
 

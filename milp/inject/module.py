@@ -41,7 +41,10 @@ class MemoryInjectionModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         rows = batch["input_ids"].shape[0]
         if self.fast.pack:
-            batch = pack_rows(batch, pad_id=self.pad_token_id)
+            # Rows no wider than the padded batch: packing saves the padding without
+            # making eager attention's quadratic cost larger.
+            width = batch["input_ids"].shape[1]
+            batch = pack_rows(batch, pad_id=self.pad_token_id, max_width=width)
         with fast_autocast(self.device, self.fast.bf16):
             loss = target_loss(self.model, batch, self.prefix).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
