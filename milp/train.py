@@ -27,7 +27,7 @@ from milp.data.datamodule import UserDataModule
 from milp.errors import MilpError
 from milp.inject import Injector, TrainedUser
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
-from milp.metrics import METRIC_NAMES
+from milp.metrics import OBJECTIVE_NAMES
 from milp.models.hf import BaseModel
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
@@ -96,8 +96,8 @@ def store_user(
 def run(cfg: DictConfig) -> float | None:
     """Run memory injection over all users of the split; return the objective."""
     output_dir = HydraConfig.get().runtime.output_dir
-    if cfg.objective not in METRIC_NAMES:
-        raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(METRIC_NAMES)}")
+    if cfg.objective not in OBJECTIVE_NAMES:
+        raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
     # Everything is built and validated before the first user trains.
     memory: MemoryConfig = build(cfg.memory)
     datamodule: UserDataModule = build(cfg.data)
