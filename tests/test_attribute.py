@@ -10,8 +10,9 @@ from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from milp.attribute import NO_MEMORY, TASK_MEMORY, plan_attribution, summarize_attribution
+from milp.attribute import plan_attribution
 from milp.attribute import run as attribute_command
+from milp.attribution_stats import NO_MEMORY, TASK_MEMORY, summarize_attribution
 from milp.data.history import load_history_users
 from milp.errors import MilpError
 
