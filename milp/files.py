@@ -1,8 +1,8 @@
 """Files that readers never see half-written: write to a temporary sibling, then rename.
 
-`atomic_write_text` for one file, `publish_dir` for a directory built once (a cache that
-parallel processes may race to build), `replace_dir` for a directory that replaces an
-earlier copy (a user's memory saved again).
+`atomic_write_text` (`atomic_write_bytes`) for one file, `publish_dir` for a directory
+built once (a cache that parallel processes may race to build), `replace_dir` for a
+directory that replaces an earlier copy (a user's memory saved again).
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from pathlib import Path
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a mix."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for binary content (an image)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)

@@ -1,13 +1,20 @@
-"""Personalization metrics: ROUGE-1/ROUGE-L (LaMP's definition), BLEU and persona F1.
+"""Personalization metrics: ROUGE-1/ROUGE-L (LaMP's definition), BLEU, persona F1, and the
+gold output's likelihood (mean token NLL and perplexity).
 
 ROUGE follows the `rouge_score` package that LaMP's evaluation uses, with stemming off:
 text is lower-cased, every run of characters outside [a-z0-9] is a separator, and the
 F-measure is averaged over examples. We re-implement it (a few lines) instead of
 depending on `rouge_score` at run time; `tests/test_metrics.py` checks the two agree.
+
+The likelihood metric scores the gold output itself, not the generated answer: `nll` is
+the mean negative log-likelihood (nats per token) of the gold's tokens given the prompt
+(computed in `milp.inject.answer.gold_nll`), averaged over examples like the other
+scores; `ppl` is exp(nll) at every level of aggregation. Lower is better for both.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -85,14 +92,25 @@ def persona_scores_from_tokens(
 
 
 METRIC_NAMES = ("rouge1", "rougeL", "bleu", "persona_p", "persona_r", "persona_f1")
+# Scores of the gold output's likelihood; lower is better (a sweeper minimizes them).
+LIKELIHOOD_NAMES = ("nll",)
+# What a run may return to a sweeper as its objective.
+OBJECTIVE_NAMES = METRIC_NAMES + LIKELIHOOD_NAMES
+
+
+def perplexity(nll: float) -> float:
+    """exp(mean token NLL); inf where that overflows a float."""
+    return math.exp(nll) if nll < 700 else math.inf
 
 
 class ResponseMetrics(Metric):
-    """Accumulates per-example ROUGE, BLEU and persona scores; `compute` averages them.
+    """Accumulates per-example ROUGE, BLEU and persona scores, and the gold's NLL where
+    given; `compute` averages them.
 
     One instance is kept per user (reset between users) and one for the whole run, so
     the same numbers give per-user and overall figures. BLEU is sentence-level BLEU-4
     with smoothing (torchmetrics), averaged over examples like the other scores.
+    `nll` and `ppl` are in the result only if every example came with an NLL.
     """
 
     full_state_update = False
@@ -104,24 +122,38 @@ class ResponseMetrics(Metric):
                 name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
             )
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nll_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(
-        self, predictions: Sequence[str], references: Sequence[str], history_tokens: set[str]
+        self,
+        predictions: Sequence[str],
+        references: Sequence[str],
+        history_tokens: set[str],
+        nlls: Sequence[float] | None = None,
     ) -> None:
-        """Add a batch of (prediction, reference) pairs from one user."""
-        if len(predictions) != len(references):
-            raise ValueError("predictions and references must have the same length")
+        """Add a batch of (prediction, reference) pairs from one user, with the gold
+        reference's mean token NLL per pair if known."""
+        if len(predictions) != len(references) or (
+            nlls is not None and len(nlls) != len(references)
+        ):
+            raise ValueError("predictions, references and nlls must have the same length")
         for prediction, reference in zip(predictions, references, strict=True):
             scores = example_scores(prediction, reference, history_tokens)
             for name in METRIC_NAMES:
                 setattr(self, name, getattr(self, name) + scores[name])
             self.count += 1
+        if nlls is not None:
+            self.nll += float(sum(nlls))
+            self.nll_count += len(nlls)
 
     def compute(self) -> dict[str, float]:
         n = max(int(self.count), 1)
-        return {name: float(getattr(self, name)) / n for name in METRIC_NAMES} | {
-            "examples": int(self.count)
-        }
+        result = {name: float(getattr(self, name)) / n for name in METRIC_NAMES}
+        if int(self.count) and int(self.nll_count) == int(self.count):
+            nll = float(self.nll) / n
+            result |= {"nll": nll, "ppl": perplexity(nll)}
+        return result | {"examples": int(self.count)}
 
 
 def example_scores(prediction: str, reference: str, history_tokens: set[str]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from milp.memory import MemoryConfig
-from milp.metrics import METRIC_NAMES
+from milp.metrics import LIKELIHOOD_NAMES, METRIC_NAMES, perplexity
 
 
 def average(results: list[dict], key: str) -> dict[str, float] | None:
@@ -14,7 +14,10 @@ def average(results: list[dict], key: str) -> dict[str, float] | None:
     total = sum(m["examples"] for m in scored)
     if not total:
         return None
-    mean = {n: sum(m[n] * m["examples"] for m in scored) / total for n in METRIC_NAMES}
+    names = METRIC_NAMES + tuple(n for n in LIKELIHOOD_NAMES if all(n in m for m in scored))
+    mean = {n: sum(m[n] * m["examples"] for m in scored) / total for n in names}
+    if "nll" in mean:
+        mean["ppl"] = perplexity(mean["nll"])
     return mean | {"examples": total, "users": len(scored)}
 
 
@@ -22,14 +25,15 @@ def format_table(rows: dict[str, dict[str, float] | None]) -> str:
     """A plain-text table of methods x metrics, as printed at the end of a run."""
     header = (
         f"{'method':<26}{'ROUGE-1':>9}{'ROUGE-L':>9}{'persona-F1':>12}{'BLEU':>8}"
-        f"{'users':>7}{'examples':>10}"
+        f"{'NLL':>8}{'users':>7}{'examples':>10}"
     )
     lines = [header, "-" * len(header)]
     for name, m in rows.items():
         if m:
             lines.append(
                 f"{name:<26}{m['rouge1']:>9.4f}{m['rougeL']:>9.4f}{m['persona_f1']:>12.4f}"
-                f"{m['bleu']:>8.4f}{m['users']:>7}{m['examples']:>10}"
+                f"{m['bleu']:>8.4f}{format(m['nll'], '.4f') if 'nll' in m else '-':>8}"
+                f"{m['users']:>7}{m['examples']:>10}"
             )
     return "\n".join(lines)
 

@@ -23,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from milp.adapters import adapter_config, memory_info, save_memory
+from milp.attribute import attribute, format_attribution, plan_from_train_config
 from milp.data.datamodule import UserDataModule
 from milp.errors import MilpError
 from milp.inject import Injector, TrainedUser
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
-from milp.metrics import METRIC_NAMES
+from milp.metrics import OBJECTIVE_NAMES
 from milp.models.hf import BaseModel
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
@@ -38,7 +39,7 @@ from milp.store import RunStore, config_fingerprint
 log = logging.getLogger("milp")
 
 # Settings that do not change a user's results, left out of the run's fingerprint.
-VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file")
+VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file", "attribution")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -97,8 +98,8 @@ def store_user(
 def run(cfg: DictConfig) -> float | None:
     """Run memory injection over all users of the split; return the objective."""
     output_dir = HydraConfig.get().runtime.output_dir
-    if cfg.objective not in METRIC_NAMES:
-        raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(METRIC_NAMES)}")
+    if cfg.objective not in OBJECTIVE_NAMES:
+        raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
     # Everything is built and validated before the first user trains.
     FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
     memory: MemoryConfig = build(cfg.memory)
@@ -116,6 +117,7 @@ def run(cfg: DictConfig) -> float | None:
         )
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
+    attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
 
     fingerprint_cfg = {
         k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
@@ -183,9 +185,22 @@ def run(cfg: DictConfig) -> float | None:
         )
     results = [done.get(u.user_id) or store.load_result(u) for u in users]
     summary = summary_of(results) | (pruner.summary() if pruner else {})
+    if attribution is not None:  # every user's memory on every user's queries
+        summary["attribution"] = attribute(
+            attribution,
+            injector=injector,
+            base=base,
+            datamodule=datamodule,
+            memory=memory,
+            placement=placement,
+            users=users,
+            run_dir=output_dir,
+        )
     store.write_outputs(results, summary)
     rows = table_rows(summary, memory, datamodule.retrieval_k)
     print(f"\n{datamodule.name} / split {cfg.split} / {len(users)} users\n{format_table(rows)}")
+    if summary.get("attribution"):
+        print(format_attribution(summary["attribution"]))
     print(f"outputs: {output_dir}")
     if logger is not None:
         flat = {f"{split}/{k}": v for split, m in rows.items() for k, v in (m or {}).items()}

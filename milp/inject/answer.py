@@ -6,6 +6,12 @@ the model (on: as is; off: `disable_adapter()`), the batched path routes each ro
 user's slot of a `MemoryBank` (off: no routing). Decoding is greedy unless the
 `generation` settings say otherwise, in eval mode and without gradients, so answers are
 reproducible.
+
+Besides the generated answer, each query with a gold output gets the gold's likelihood
+(`gold_nll`): one teacher-forced forward per batch and memory state, on the very prompt
+tokens generation sees (left-padded, retrieval included when on) followed by the gold's
+target tokens as training lays them out (`PromptFormat.target_ids`: the target prefix,
+the gold, end-of-sequence). Only the target tokens are scored.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
+from inspect import signature
 from typing import Any
 
 import torch
 from torch import nn
 
-from milp.data.datamodule import UserDataModule
+from milp.data.datamodule import PromptFormat, UserDataModule, pad_right
 from milp.data.users import User
 from milp.inject.fast import bf16_frozen_weights, bf16_supported, fast_autocast
 from milp.metrics import ResponseMetrics, tokenize
@@ -53,6 +60,50 @@ def generate_answers(
     return [t.strip() for t in texts]
 
 
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the (peft-wrapped) model's forward takes this keyword."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in signature(inner.forward).parameters
+
+
+@torch.no_grad()
+def gold_nll(
+    model: nn.Module, batch: dict, targets: Sequence[list[int] | None], pad_token_id: int
+) -> list[float | None]:
+    """Mean token NLL (nats) of each row's target tokens after its prompt, teacher-forced.
+
+    `batch` is a left-padded query batch (`QueryCollator`); `targets[i]` are row i's
+    target token ids (None: not scored, e.g. no gold). The targets go right after the
+    prompts and are right-padded; positions count from each row's first real token, as
+    `generate` counts them, so a row's NLL does not depend on the padding beside it.
+    One forward for the whole batch (every row: memory routing is per row).
+    """
+    if not any(targets):
+        return [None] * len(targets)
+    device = next(model.parameters()).device
+    filled = [t if t else [pad_token_id] for t in targets]
+    target = pad_right(filled, pad_token_id).to(device)
+    target_mask = pad_right([[1] * len(t) for t in filled], 0).to(device)
+    input_ids = torch.cat([batch["input_ids"].to(device), target], dim=1)
+    attention_mask = torch.cat([batch["attention_mask"].to(device), target_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    width = target.shape[1]
+    # Only the logits that predict target tokens: the last prompt position onwards.
+    keep = {"logits_to_keep": width + 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **keep,
+    ).logits
+    logits = logits[:, -(width + 1) : -1].float()
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    mask = target_mask.to(log_probs.dtype)
+    nll = -(log_probs * mask).sum(1) / mask.sum(1)
+    return [float(v) if t else None for v, t in zip(nll.tolist(), targets, strict=True)]
+
+
 @dataclass
 class Answers:
     """Predictions of a group of users and their metrics, with and without memory."""
@@ -68,11 +119,27 @@ class Answers:
     def user_predictions(self, user_id: str) -> list[dict]:
         return [p for p in self.predictions if p["user_id"] == user_id]
 
-    def score(self, key: str, user_id: str, prediction: str, gold: str | None, tokens) -> None:
-        """Add one answer to a user's metrics (`tokens`: the user's history tokens)."""
+    def score(
+        self,
+        key: str,
+        user_id: str,
+        prediction: str,
+        gold: str | None,
+        tokens,
+        nll: float | None = None,
+    ) -> None:
+        """Add one answer to a user's metrics (`tokens`: the user's history tokens; `nll`:
+        the gold's mean token NLL, if scored)."""
         if gold is not None:
             metric = self.metrics.setdefault(f"{key}/{user_id}", ResponseMetrics())
-            metric.update([prediction], [gold], tokens)
+            metric.update([prediction], [gold], tokens, None if nll is None else [nll])
+
+
+def gold_targets(
+    prompt_format: PromptFormat, tokenizer: Any, golds: Sequence[str | None]
+) -> list[list[int] | None]:
+    """The target token ids of a batch's golds, laid out as training lays out targets."""
+    return [None if g is None else prompt_format.target_ids(tokenizer, g) for g in golds]
 
 
 def answer_queries(
@@ -86,13 +153,15 @@ def answer_queries(
     bf16: bool = False,
 ) -> Answers:
     """Answer every query of `users` (in file order, mixed batches), with memory and, if
-    `compare_without_memory`, without it; the model's module modes are restored after.
-    `bf16`: decode under bf16 autocast with bf16 frozen weights where the hardware has
-    bf16 (`injection.fast.bf16_answers`; answers may then differ from float32's)."""
+    `compare_without_memory`, without it, and score each gold's NLL in the same states;
+    the model's module modes are restored after. `bf16`: decode and score under bf16
+    autocast with bf16 frozen weights where the hardware has bf16
+    (`injection.fast.bf16_answers`; answers may then differ from float32's)."""
     tokens = {u.user_id: history_tokens(u) for u in users}
     answers = Answers()
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     bf16 = bf16 and bf16_supported(device)
     precision = ExitStack()
@@ -101,23 +170,30 @@ def answer_queries(
     try:
         for batch in datamodule.select(list(users)).query_dataloader():
             ids = batch["user_ids"]
+            targets = gold_targets(datamodule.format, tokenizer, batch["golds"])
             with switch(ids, True):
                 texts = generate_answers(model, tokenizer, batch, generation)
-            baseline = None
+                nlls = gold_nll(model, batch, targets, pad)
+            baseline = baseline_nlls = None
             if compare_without_memory:
                 with switch(ids, False):
                     baseline = generate_answers(model, tokenizer, batch, generation)
+                    baseline_nlls = gold_nll(model, batch, targets, pad)
             for i, (user_id, gold) in enumerate(zip(ids, batch["golds"], strict=True)):
-                answers.score("memory", user_id, texts[i], gold, tokens[user_id])
+                answers.score("memory", user_id, texts[i], gold, tokens[user_id], nlls[i])
                 record = {
                     "id": batch["query_ids"][i],
                     "user_id": user_id,
                     "prediction": texts[i],
                     "gold": gold,
+                    "nll": nlls[i],
                 }
                 if baseline is not None:
-                    answers.score("no_memory", user_id, baseline[i], gold, tokens[user_id])
+                    answers.score(
+                        "no_memory", user_id, baseline[i], gold, tokens[user_id], baseline_nlls[i]
+                    )
                     record["prediction_no_memory"] = baseline[i]
+                    record["nll_no_memory"] = baseline_nlls[i]
                 answers.predictions.append(record)
     finally:
         precision.close()

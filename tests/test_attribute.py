@@ -1,0 +1,184 @@
+"""Attribution (`milp.attribute`): does a memory know its owner? Real runs of the tiny
+model on LaMP-4 files whose users write distinct strings, the automatic step of
+`milp.train`, the `python -m milp.attribute` command, and the tie rule."""
+
+import json
+import shutil
+
+import pytest
+from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from milp.attribute import plan_attribution
+from milp.attribute import run as attribute_command
+from milp.attribution_stats import NO_MEMORY, TASK_MEMORY, summarize_attribution
+from milp.data.history import load_history_users
+from milp.errors import MilpError
+
+# Each user's headlines are one word repeated: only the owner's memory has learnt it.
+TEST_WORDS = {"u-zebra": "zebra", "u-violin": "violin", "u-quartz": "quartz"}
+TRAIN_WORDS = {"t-lemon": "lemon", "t-cactus": "cactus"}
+
+
+def write_split(directory, split: str, words: dict[str, str]) -> None:
+    questions = [
+        {
+            "id": user,
+            "input": "Generate a headline for the following article: a story about the town .",
+            "profile": [
+                {
+                    "id": f"{user}-{j}",
+                    "text": f"article {j} about the town",
+                    "title": f"{w} {w} {w}",
+                }
+                for j in range(8)
+            ],
+        }
+        for user, w in words.items()
+    ]
+    golds = [{"id": user, "output": f"{w} {w} {w} {w}"} for user, w in words.items()]
+    (directory / f"{split}_questions.json").write_text(json.dumps(questions))
+    (directory / f"{split}_outputs.json").write_text(json.dumps({"task": "LaMP_4", "golds": golds}))
+
+
+def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
+    milp_cache, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "lamp4"
+    data.mkdir()
+    write_split(data, "test", TEST_WORDS)
+    write_split(data, "train", TRAIN_WORDS)
+    out = tmp_path / "run"
+    result = run_milp(
+        [
+            "+experiment=lamp",
+            *TINY_MODEL_OVERRIDES,
+            "data=lamp4",
+            f"data.path={data}",
+            "trainer.max_epochs=4",
+            "memory.rank=2",
+            "generation.max_new_tokens=2",
+            "callbacks=none",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            "attribution.enabled=true",
+            f"hydra.run.dir={out}",
+        ],
+        milp_cache,
+    )
+    # The table has the likelihood column; the attribution summary follows it.
+    assert "    NLL  users" in result.stdout
+    assert "owner top-1: 1.000 per user, 1.000 per query (chance 0.333)" in result.stdout
+    assert "own memory beats no memory: 3/3" in result.stdout
+    assert "own memory beats task memory: 3/3" in result.stdout
+
+    matrix = json.loads((out / "attribution.json").read_text())["matrix"]
+    assert matrix["memories"] == [*TEST_WORDS, TASK_MEMORY, NO_MEMORY]
+    assert (out / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["attribution"]["per_user"] == {"top1": 1.0, "mean_owner_rank": 1.0}
+    assert metrics["memory"]["nll"] < metrics["no_memory"]["nll"]
+    # The routed bank scores each user's own memory as the run's peft memory did.
+    predictions = {
+        p["id"]: p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
+    }
+    rows = matrix["memories"]
+    for j, query in enumerate(matrix["queries"]):
+        own = matrix["query_nll"][rows.index(query["user_id"])][j]
+        assert own == pytest.approx(predictions[query["id"]]["nll"], abs=1e-4)
+        none = matrix["query_nll"][rows.index(NO_MEMORY)][j]
+        assert none == pytest.approx(predictions[query["id"]]["nll_no_memory"], abs=1e-4)
+    task = json.loads((out / "task_memory" / "memory.json").read_text())
+    assert task["task"] == {"train_users": list(TRAIN_WORDS), "items": 8}
+
+    # Identical users: every user holds the same memory, so every memory ties on every
+    # query and the owner gets its share of the tie: exactly chance.
+    same = tmp_path / "same"
+    shutil.copytree(out, same)
+    first, *others = (same / "adapters" / u for u in TEST_WORDS)
+    for directory in others:
+        shutil.rmtree(directory)
+        shutil.copytree(first, directory)
+    run_config = (same / ".hydra" / "config.yaml").read_text()
+    # The command's own config, composed as `python -m milp.attribute` composes it, run in
+    # this process (a second milp process would spend seconds on imports alone).
+    monkeypatch.setenv("MILP_CACHE_DIR", str(milp_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("attribute", [f"store={same}", "task_memory=true"])
+    summary = attribute_command(cfg)
+    assert summary["per_user"]["top1"] == pytest.approx(1 / 3, abs=1e-12)
+    assert summary["per_query"]["top1"] == pytest.approx(1 / 3, abs=1e-12)
+    assert summary["per_user"]["mean_owner_rank"] == summary["chance_mean_rank"] == 2.0
+    assert summary["per_query"]["mean_owner_rank"] == 2.0
+    printed = capsys.readouterr().out
+    assert "owner top-1: 0.333 per user, 0.333 per query (chance 0.333)" in printed
+    stored = json.loads((same / "attribution.json").read_text())
+    assert stored["per_user"] == summary["per_user"]
+    # The stored task memory (same train users and items) is reused, not trained again.
+    assert (same / "task_memory" / "memory_0" / "adapter_model.safetensors").read_bytes() == (
+        out / "task_memory" / "memory_0" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert "Trainer.fit" not in printed
+    assert (same / ".hydra" / "config.yaml").read_text() == run_config
+
+
+def test_ties_share_the_credit():
+    users = ["a", "b", "c", "d"]
+    queries = [(u, f"{u}{i}") for u in users for i in range(2)]
+
+    def scores(nll):  # nll(memory, user) -> the same NLL for each of the user's queries
+        return {m: [nll(m, u) for u, _ in queries] for m in users}
+
+    owner_best = summarize_attribution(users, queries, scores(lambda m, u: 1.0 - (m == u)))
+    assert owner_best["per_user"] == {"top1": 1.0, "mean_owner_rank": 1.0}
+    assert owner_best["per_query"] == {"top1": 1.0, "mean_owner_rank": 1.0}
+    assert owner_best["own_beats_no_memory"] is None  # no such row given
+
+    identical = summarize_attribution(users, queries, scores(lambda m, u: 2.5))
+    assert identical["per_user"] == {"top1": 0.25, "mean_owner_rank": 2.5}
+    assert identical["chance"] == 0.25 and identical["chance_mean_rank"] == 2.5
+
+    # a and b hold the same memory, best for both of them: each owner gets half.
+    pair = summarize_attribution(
+        users, queries, scores(lambda m, u: 0.0 if {m, u} <= {"a", "b"} or m == u else 1.0)
+    )
+    assert pair["per_user"]["top1"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+    assert pair["per_user"]["mean_owner_rank"] == pytest.approx((1.5 + 1.5 + 1 + 1) / 4)
+
+    # The task memory and no memory are reported, never picked.
+    with_rows = scores(lambda m, u: 1.0 - (m == u))
+    with_rows |= {TASK_MEMORY: [-5.0] * len(queries), NO_MEMORY: [3.0] * len(queries)}
+    result = summarize_attribution(users, queries, with_rows)
+    assert result["per_user"]["top1"] == 1.0
+    assert result["own_beats_task_memory"] == {"users": 0, "of": 4, "fraction": 0.0}
+    assert result["own_beats_no_memory"] == {"users": 4, "of": 4, "fraction": 1.0}
+
+
+def test_bad_attribution_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(MilpError, match=r"store=.*not a milp.train run directory"):
+        attribute_command(OmegaConf.create({"store": str(tmp_path / "nope")}))
+
+    users = tmp_path / "users.jsonl"
+    users.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "user_id": name,
+                    "history": [{"prompt": "hi", "response": f"hello from {name}"}],
+                    "queries": [{"id": f"{name}-q", "prompt": "hey", "response": "yo"}],
+                }
+            )
+            for name in ("alice", "bob")
+        )
+    )
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["data=history", f"data.path={users}"])
+    test_users = load_history_users(users)
+    # A JSONL users file has no splits: its "train split" is the scored users themselves.
+    with pytest.raises(MilpError, match="attribution.task_memory: the train split shares 2"):
+        plan_attribution(cfg, test_users, task_memory=True, task_items=None, batch_size=None)
+    with pytest.raises(MilpError, match="attribution.task_items must be a positive integer"):
+        plan_attribution(cfg, test_users, task_memory=False, task_items=0, batch_size=None)
+    assert plan_attribution(cfg, test_users, task_memory=False, task_items=None, batch_size=4)
