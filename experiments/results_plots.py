@@ -11,6 +11,8 @@ from typing import Any
 from results_tables import METHODS, label, present
 from tuning import read_trials
 
+from milp.stats import lower_is_better
+
 
 def _pyplot():
     import matplotlib
@@ -24,7 +26,8 @@ def _pyplot():
 def methods_plot(results: dict[str, list[dict]], metrics: list[str], path: Path) -> Path:
     """Bars: each method's test score per metric, mean ± std over seeds."""
     plt = _pyplot()
-    shown = [m for m in metrics if present(results, m) and m != "nll"]
+    # Scores in [0, 1] only: likelihoods (NLL) are on another scale.
+    shown = [m for m in metrics if present(results, m) and not lower_is_better(m)]
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(results)
     width = 0.8 / max(len(shown), 1)
