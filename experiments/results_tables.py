@@ -143,19 +143,20 @@ def comparison_table(rows: list[dict[str, Any]], reference: str) -> str:
 def tuning_table(tuning: dict[str, dict]) -> str:
     """What each method was tuned on and what was chosen."""
     lines = [
-        "| method | space (sweep file) | split | dev users | trials (distinct, pruned) "
+        "| method | space (sweep file) | tuner | split | dev users | trials (distinct, pruned) "
         "| best trial | dev objective | chosen settings | wall (s) |",
-        "|---|---|---|---:|---|---:|---:|---|---:|",
+        "|---|---|---|---|---:|---|---:|---:|---|---:|",
     ]
     for method, t in tuning.items():
         name = METHODS.get(method, method)
         if "not_tuned" in t:
-            lines.append(f"| {name} | – | – | – | not tuned: {t['not_tuned']} | | | | |")
+            lines.append(f"| {name} | – | not tuned: {t['not_tuned']} | – | – | | | | | |")
             continue
         space = ", ".join(f"`{k}`" for k, v in t["space"].items() if not _fixed(v))
         wall = f"{t['wall_seconds']:.0f}" if t.get("wall_seconds") is not None else "–"
         lines.append(
-            f"| {name} | {space} (`{t['sweep']}`) | {t['split']} | {len(t['dev_user_ids'])} "
+            f"| {name} | {space} (`{t['sweep']}`) | {t['tuner']} | {t['split']} "
+            f"| {len(t['dev_user_ids'])} "
             f"| {t['trials']} ({t['distinct_configurations']}, {t['pruned']}) "
             f"| {t['best_trial']} | {t['dev_objective']:.4f} "
             f"| `{' '.join(t['settings']) or '(defaults)'}` | {wall} |"

@@ -45,7 +45,18 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
-        [sys.executable, "experiments/reproduce.py", "--smoke", "--out", str(out), *SMOKE_MODEL],
+        [
+            sys.executable,
+            "experiments/reproduce.py",
+            "--smoke",
+            "--out",
+            str(out),
+            # two values of k: retrieval's space fits the budget of 2 and is tried whole
+            "--space",
+            "retrieval.k=choice(1,2)",
+            "--",
+            *SMOKE_MODEL,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -75,13 +86,18 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
     assert {m for m, t in tuning.items() if "not_tuned" not in t} == set(TUNED)
     assert len({json.dumps(tuning[m]["budget"], sort_keys=True) for m in TUNED}) == 1
     assert all(tuning[m]["trials"] == 2 and tuning[m]["split"] == "dev" for m in TUNED)
+    assert tuning["rag"]["tuner"] == "grid (2 configurations)"
+    assert tuning["milp"]["tuner"] == "BO (2 trials)"
+    assert tuning["milp_rag"]["space"]["retrieval.k"] == "choice(1,2)"
     runs = records(out)
     assert len(runs) == 7
     test_ids = {u["user_id"] for u in runs["zero_shot"]["per_user"]}
     for method in TUNED:
         sweep = out / "runs" / "tune" / method
         assert not list(sweep.glob("final-trial*"))
-        for metrics in sweep.glob("[0-9]*/metrics.json"):
+        jobs = list(sweep.glob("[0-9]*/metrics.json"))
+        assert len(jobs) == 2
+        for metrics in jobs:
             assert json.loads(metrics.read_text())["split"] == "dev"
         tuned_ids = {p.stem for p in sweep.glob("[0-9]*/users/*.json")}
         assert tuned_ids and not tuned_ids & test_ids, method

@@ -103,6 +103,9 @@ def test_tuning_spaces_share_milps_ranges_on_dev_without_a_test_evaluation():
     for method, dimensions in expected.items():
         space, objective = tuning.composed_space("lamp", method, [])
         assert set(space) == dimensions and objective == "rougeL", method
+        # milp_rag's k: retrieval's own values.
+        if "retrieval.k" in space:
+            assert space["retrieval.k"] == [1, 2, 4, 8]
         for key in set(space) & set(milp):
             assert space[key] == milp[key], (method, key)
         sweep = yaml.safe_load(
@@ -112,3 +115,20 @@ def test_tuning_spaces_share_milps_ranges_on_dev_without_a_test_evaluation():
             assert sweep["hydra"]["sweeper"]["final_overrides"] == []
     assert "hydra.sweeper.final_overrides=[]" in tuning.Budget(3).overrides()
     assert "split=dev" in tuning.Budget(3).overrides()
+
+
+def test_small_discrete_spaces_are_enumerated_and_continuous_ones_are_not():
+    """A space of choices and integer ranges is a grid (tried whole when it fits the
+    budget); the sweeper's own reading of the command line applies."""
+    rag, _ = tuning.composed_space("lamp", "rag", [])
+    assert tuning.grid_points(rag, []) == [{"retrieval.k": k} for k in (1, 2, 4, 8)]
+    assert tuning.grid_points(rag, ["retrieval.k=choice(1,2)"]) == [
+        {"retrieval.k": 1},
+        {"retrieval.k": 2},
+    ]
+    oppu, _ = tuning.composed_space("lamp", "oppu", [])
+    assert tuning.grid_points(oppu, []) is None  # the learning rate is continuous
+    grid = tuning.grid_points(oppu, ["optim.lr=0.01", "trainer.max_epochs=range(2,4)"])
+    assert grid == [{"trainer.max_epochs": 2}, {"trainer.max_epochs": 3}]
+    milp, _ = tuning.composed_space("lamp", "milp", [])
+    assert tuning.grid_points(milp, []) is None
