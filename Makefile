@@ -32,12 +32,19 @@ format:
 	ruff format .
 	ruff check --fix .
 
-# The comparison table, ablations and plots (experiments/results/). DATA=/path/to/LaMP_4
-# TASK=lamp4 runs it on real LaMP files instead of the embedded default.
+# The comparison (experiments/README.md): every method tuned with the same budget on dev
+# users, then run on the test users; tables and plots in experiments/results/<source>.md.
+#   make reproduce                                 embedded default -> synthetic.md
+#   make reproduce SOURCE=chitchat BUDGET=4        SmolLM2 + Chit-Chat users -> chitchat.md
+#   make reproduce DATA=/path/to/LaMP_4 TASK=lamp4 real LaMP files -> lamp4.md
+# BUDGET: tuning trials per method (the same for all); ARGS: more reproduce.py options.
+SOURCE ?=
+BUDGET ?=
 DATA ?=
 TASK ?= lamp4
 reproduce:
-	$(PYTHON) experiments/reproduce.py $(if $(DATA),--data $(TASK) --data-path $(DATA),)
+	$(PYTHON) experiments/reproduce.py $(if $(SOURCE),--source $(SOURCE),) \
+		$(if $(DATA),--data $(TASK) --data-path $(DATA),) $(if $(BUDGET),--budget $(BUDGET),) $(ARGS)
 
 reproduce-smoke:
 	$(PYTHON) experiments/reproduce.py --smoke --out experiments/results/smoke

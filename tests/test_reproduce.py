@@ -5,26 +5,38 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import yaml
 from conftest import ROOT
+from rouge_score import rouge_scorer, scoring
 
-# 8 layers, like the default, so the search space's layer windows are valid.
+# 8 layers, like the default, so the search space's layer windows are valid; pretrained
+# enough that some answers share words with the golds (the comparisons are not all 0).
 SMOKE_MODEL = [
     "model.hidden_size=64",
     "model.intermediate_size=128",
     "model.num_heads=2",
     "model.vocab_size=512",
-    "model.pretrain_pairs=256",
-    "model.epochs=1",
+    "model.pretrain_pairs=1024",
+    "model.epochs=2",
     "trainer.max_epochs=1",
-    "generation.max_new_tokens=8",
+    "generation.max_new_tokens=12",
 ]
+TUNED = ["rag", "oppu", "milp", "milp_rag", "milp_sparse"]
 
 
-# About ten real milp.train processes (search, four ablations, five methods): several
-# minutes on 2 cores, so it runs with `make test-all`, not in the default suite.
+def records(out):
+    return {
+        run.parent.parent.name: json.loads(run.read_text())
+        for run in out.glob("runs/*/seed0/reproduce.json")
+    }
+
+
+# Five tuning sweeps and seven test runs, each a real milp.train process: minutes on 2
+# cores, so it runs with `make test-all`, not in the default suite.
 @pytest.mark.slow
-def test_reproduce_smoke_writes_tables_and_plots(milp_cache, tmp_path):
+def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path):
     out = tmp_path / "results"
     env = os.environ | {
         "MILP_CACHE_DIR": str(milp_cache),
@@ -33,7 +45,18 @@ def test_reproduce_smoke_writes_tables_and_plots(milp_cache, tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
-        [sys.executable, "experiments/reproduce.py", "--smoke", "--out", str(out), *SMOKE_MODEL],
+        [
+            sys.executable,
+            "experiments/reproduce.py",
+            "--smoke",
+            "--out",
+            str(out),
+            # two values of k: retrieval's space fits the budget of 2 and is tried whole
+            "--space",
+            "retrieval.k=choice(1,2)",
+            "--",
+            *SMOKE_MODEL,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -41,7 +64,7 @@ def test_reproduce_smoke_writes_tables_and_plots(milp_cache, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "synthetic.md").read_text()
-    for method in [
+    for text in [
         "zero-shot",
         "retrieval-in-prompt",
         "OPPU",
@@ -49,17 +72,62 @@ def test_reproduce_smoke_writes_tables_and_plots(milp_cache, tmp_path):
         "MiLP + retrieval",
         "default config (unsearched)",
         "sparse-history",
+        "## Tuning (validation users, before any test run)",
+        "LaMP agg.",
+        "95% CI of Δ",
+        "W / T / L",
+        "≤5 items",
+        "The paper's claims",
     ]:
-        assert method in report
-    assert "≤5 items" in report and "The paper's claims" in report
-    # Every method answered the same test users (the search's own user cap must not leak).
-    answered = {
-        run.parent.parent.name: sorted(
-            u["history_size"] for u in json.loads(run.read_text())["per_user"]
+        assert text in report, text
+
+    # Tuning: the same budget for every tuned method, on dev users only, before the tests.
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert {m for m, t in tuning.items() if "not_tuned" not in t} == set(TUNED)
+    assert len({json.dumps(tuning[m]["budget"], sort_keys=True) for m in TUNED}) == 1
+    assert all(tuning[m]["trials"] == 2 and tuning[m]["split"] == "dev" for m in TUNED)
+    assert tuning["rag"]["tuner"] == "grid (2 configurations)"
+    assert tuning["milp"]["tuner"] == "BO (2 trials)"
+    assert tuning["milp_rag"]["space"]["retrieval.k"] == "choice(1,2)"
+    runs = records(out)
+    assert len(runs) == 7
+    test_ids = {u["user_id"] for u in runs["zero_shot"]["per_user"]}
+    for method in TUNED:
+        sweep = out / "runs" / "tune" / method
+        assert not list(sweep.glob("final-trial*"))
+        jobs = list(sweep.glob("[0-9]*/metrics.json"))
+        assert len(jobs) == 2
+        for metrics in jobs:
+            assert json.loads(metrics.read_text())["split"] == "dev"
+        tuned_ids = {p.stem for p in sweep.glob("[0-9]*/users/*.json")}
+        assert tuned_ids and not tuned_ids & test_ids, method
+        # The test runs use the chosen settings, and only they touch the test split.
+        assert runs[method]["settings"] == tuning[method]["settings"]
+        test_overrides = yaml.safe_load(
+            (out / "runs" / method / "seed0" / ".hydra" / "overrides.yaml").read_text()
         )
-        for run in out.glob("runs/*/seed0/reproduce.json")
-    }
-    assert len(answered) == 7, answered
-    assert len({tuple(sizes) for sizes in answered.values()}) == 1, answered
-    for plot in ["methods.png", "search_convergence.png"]:
+        assert set(tuning[method]["settings"]) <= set(test_overrides)
+    assert all(r["split"] == "test" for r in runs.values())
+    # Every method answered the same test users (the tuning's user cap must not leak).
+    assert len({tuple(sorted(u["user_id"] for u in r["per_user"])) for r in runs.values()}) == 1
+
+    # The paired difference in the table is the mean over users of the runs' own scores.
+    memory = {u["user_id"]: u["rougeL"] for u in runs["milp"]["per_user"]}
+    zero = {u["user_id"]: u["rougeL"] for u in runs["zero_shot"]["per_user"]}
+    delta = np.mean([memory[u] - zero[u] for u in memory])
+    row = next(line for line in report.splitlines() if line.startswith("| zero-shot | ROUGE-L"))
+    assert f"| {delta:+.4f}" in row
+    # LaMP's aggregation equals rouge_score's own on the run's predictions.
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    aggregator = scoring.BootstrapAggregator()
+    for user in sorted((out / "runs" / "milp" / "seed0" / "users").glob("*.json")):
+        for p in json.loads(user.read_text())["predictions"]:
+            aggregator.add_scores(scorer.score(p["gold"], p["prediction"]))
+    np.random.seed(0)
+    mid = aggregator.aggregate()["rougeL"].mid.fmeasure
+    line = next(
+        line for line in report.splitlines() if line.startswith("| MiLP (searched") and "±" in line
+    )
+    assert f"| {mid:.4f} |" in line
+    for plot in ["methods.png", "differences.png", "search_convergence.png"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
