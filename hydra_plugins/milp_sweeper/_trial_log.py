@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +51,19 @@ class Trial:
     params: dict[str, Any]
     overrides: list[str]
     candidate: Any = None  # ng.p.Parameter
+
+
+def contiguous_runs(trials: Sequence[Trial]) -> Iterator[list[Trial]]:
+    """Split trials into runs of consecutive numbers (one launcher call each, so that job
+    numbers and output dirs stay equal to trial numbers)."""
+    group: list[Trial] = []
+    for trial in trials:
+        if group and trial.num != group[-1].num + 1:
+            yield group
+            group = []
+        group.append(trial)
+    if group:
+        yield group
 
 
 class ReplayMismatch(Exception):

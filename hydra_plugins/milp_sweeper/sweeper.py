@@ -24,7 +24,7 @@ break every Hydra app.
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from hydra_plugins.milp_sweeper._trial_log import (
     append_jsonl,
     best_record,
     check_replay,
+    contiguous_runs,
     job_record,
     log_best,
     read_json,
@@ -263,7 +264,7 @@ class MilpNevergradSweeper(Sweeper):
                 seed=self.optim.get("seed"),
             )
             extra.append(f"{self.pruning['trial_key']}={format_value(str(history))}")
-        for group in _contiguous(trials):
+        for group in contiguous_runs(trials):
             nums = f"#{group[0].num}" + (f"..#{group[-1].num}" if len(group) > 1 else "")
             log.info("Launching batch of %d trial(s): %s", len(group), nums)
             assert self.launcher is not None
@@ -386,16 +387,3 @@ def _plain(node: Any) -> Any:
     if isinstance(node, DictConfig | ListConfig):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node) if isinstance(node, Mapping) else node
-
-
-def _contiguous(trials: Sequence[Trial]) -> Iterator[list[Trial]]:
-    """Split trials into runs of consecutive numbers (one launcher call each, so that job
-    numbers and output dirs stay equal to trial numbers)."""
-    group: list[Trial] = []
-    for trial in trials:
-        if group and trial.num != group[-1].num + 1:
-            yield group
-            group = []
-        group.append(trial)
-    if group:
-        yield group
