@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from milp.attribution_stats import (
 )
 from milp.data.datamodule import QueryCollator, UserDataModule
 from milp.data.users import HistoryPair, User
-from milp.errors import MilpError
+from milp.errors import MilpError, exit_with
 from milp.files import atomic_write_bytes, atomic_write_text
 from milp.inject.answer import gold_nll, gold_targets
 from milp.inject.bank import MemoryBank, memory_targets
@@ -318,8 +317,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except MilpError as err:
-        print(f"milp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from milp.adapters import load_memory, merged_adapter, read_bank_weights, stored_memory_config
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
-from milp.errors import MilpError
+from milp.errors import MilpError, exit_with
 from milp.files import atomic_write_text
 from milp.inject.answer import generate_answers
 from milp.inject.bank import MemoryBank, memory_targets
@@ -313,8 +312,7 @@ def main(cfg: DictConfig) -> None:
     try:
         serve(cfg)
     except MilpError as err:
-        print(f"milp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
 
 
 if __name__ == "__main__":

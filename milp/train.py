@@ -11,7 +11,6 @@ memory: the zero-shot baseline.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import hydra
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from milp.adapters import adapter_config, memory_info, save_memory
 from milp.attribute import attribute, format_attribution, plan_from_train_config
 from milp.data.datamodule import UserDataModule
-from milp.errors import MilpError
+from milp.errors import MilpError, exit_with
 from milp.inject import Injector, TrainedUser
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
@@ -217,8 +216,7 @@ def main(cfg: DictConfig) -> float | None:
     except MilpError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed
-        print(f"milp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
 
 
 if __name__ == "__main__":
