@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from milp.data.datamodule import IGNORE_INDEX
-from milp.inject.prefix import PrefixCache
+
+if TYPE_CHECKING:
+    from milp.inject.prefix import PrefixCache
 
 # Config attributes of models whose logits are not simply lm_head(hidden): their loss
 # uses the model's full forward.

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from milp.inject.loss import causal_lm
+
 DEFAULT_MAX_BYTES = 1 << 30
 _PROBE_TOKENS = 8
 
@@ -38,11 +40,6 @@ _PROBE_TOKENS = 8
 def prefix_bytes(tokens: int, hidden_size: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes a cache holding `tokens` positions of states takes."""
     return tokens * hidden_size * torch.empty((), dtype=dtype).element_size()
-
-
-def _lm(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 class PrefixCache:
@@ -74,7 +71,7 @@ class PrefixCache:
     # ------------------------------------------------------------------ checks
 
     def _unsupported(self) -> str | None:
-        lm = _lm(self.model)
+        lm = causal_lm(self.model)
         decoder = getattr(lm, "model", None)
         needed = ("embed_tokens", "rotary_emb", "layers", "norm")
         if decoder is None or not all(hasattr(decoder, n) for n in needed):
