@@ -35,7 +35,7 @@ and the head at target positions only; the same count for every row) / seconds /
 bf16 matmul peak measured here (a 2048x576x1536 product, the better of a probe before
 and one after the rows).
 
-    python experiments/bench_real.py                     # SmolLM2, 2 users, 2 epochs
+    python experiments/bench_real.py                     # SmolLM2, 2 users x 32 pairs, 2 epochs
     python experiments/bench_real.py --model tiny        # embedded tiny model
     python experiments/bench_real.py --device cuda       # on a GPU (see experiments/README.md)
 """
@@ -64,8 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--users", type=int, default=2)
-    p.add_argument("--history", type=int, default=8, help="each user's most recent pairs")
-    p.add_argument("--batch-size", type=int, default=4)
+    # Defaults: one user's training in `+experiment=chitchat` (32 replies, batch 8, 2 epochs).
+    p.add_argument("--history", type=int, default=32, help="each user's most recent pairs")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
