@@ -304,7 +304,8 @@ def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
     row_slots = torch.cat([torch.full((p["input_ids"].shape[0],), s) for s, p in enumerate(parts)])
     tokens = int(batch["attention_mask"].sum())
     if fast.pack:
-        batch = pack_rows(batch, row_slots.tolist(), base.tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        batch = pack_rows(batch, row_slots.tolist(), base.tokenizer.pad_token_id, max_width=width)
         row_slots = batch.pop("groups").cpu()
     batch = {k: v.to(args.device) for k, v in batch.items()}
     row_slots = row_slots.to(args.device)

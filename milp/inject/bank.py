@@ -141,9 +141,9 @@ def _slot_tensor(segments: Sequence[Segment], device: torch.device) -> torch.Ten
 class _RoutedLoRA(torch.autograd.Function):
     """base_out + scaling * x @ A[slot]^T @ B[slot]^T on each segment of rows.
 
-    Per segment (a user's rows) one pair of matrix products, batched into one `bmm`
-    when all users bring the same number of rows: no per-row copies of the weights,
-    and only the small rank-sized activations are kept for backward.
+    One `bmm` pair per module: over users when all bring the same number of rows (no
+    copies of the weights), else over rows with each row's slot weights gathered. Only
+    the small rank-sized activations are kept for backward.
     """
 
     @staticmethod
@@ -166,13 +166,16 @@ class _RoutedLoRA(torch.autograd.Function):
             out.view(len(segments), -1, out.shape[-1]).baddbmm_(h, b.transpose(1, 2))
             ctx.save_for_backward(x, lora_a, lora_b, slots, h)
             return base_out
-        hs = []
-        for slot, first, end in segments:
-            span = slice(first * per_row, end * per_row)
-            h = (x2[span] @ lora_a[slot].to(x2.dtype).t()) * scaling
-            out[span].addmm_(h, lora_b[slot].to(x2.dtype).t())
-            hs.append(h)
-        ctx.save_for_backward(x, lora_a, lora_b, *hs)
+        # Users with unequal row counts: each row takes its own slot's weights (a copy of
+        # rank x features per row, smaller than the row's activations by tokens/rank), so
+        # the products stay one bmm per module whatever the mix. Rows outside every
+        # segment take zero weights.
+        row_slots = _row_slots(segments, rows, x.device)
+        xs = x2.view(rows, per_row, x2.shape[-1])
+        a, b = _row_weights(lora_a, lora_b, row_slots, x2.dtype)
+        h = torch.bmm(xs, a.transpose(1, 2)) * scaling
+        out.view(rows, per_row, out.shape[-1]).baddbmm_(h, b.transpose(1, 2))
+        ctx.save_for_backward(x, lora_a, lora_b, row_slots, h)
         return base_out
 
     @staticmethod
@@ -197,24 +200,42 @@ class _RoutedLoRA(torch.autograd.Function):
                 a = lora_a.index_select(0, slots).to(g.dtype)
                 grad_x = torch.bmm(grad_h, a).view(x.shape).to(x.dtype)
             return grad_out, grad_x, grad_a, grad_b, None, None
-        x, lora_a, lora_b, *hs = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
-        grad_a, grad_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-        covered = sum(end - first for _, first, end in ctx.segments) * ctx.per_row
-        grad_x = None
-        if need_x:  # rows outside every segment (no memory) get no gradient from here
-            grad_x = torch.empty_like(x2) if covered == x2.shape[0] else torch.zeros_like(x2)
-        for (slot, first, end), h in zip(ctx.segments, hs, strict=True):
-            span = slice(first * ctx.per_row, end * ctx.per_row)
-            g = g2[span]
-            grad_b[slot] += (g.t() @ h).to(grad_b.dtype)
-            grad_h = (g @ lora_b[slot].to(g.dtype)) * ctx.scaling
-            grad_a[slot] += (grad_h.t() @ x2[span]).to(grad_a.dtype)
-            if need_x:
-                grad_x[span] = grad_h @ lora_a[slot].to(g.dtype)
-        if need_x:
-            grad_x = grad_x.view(x.shape).to(x.dtype)
+        x, lora_a, lora_b, row_slots, h = ctx.saved_tensors
+        rows = x.shape[0]
+        g = g2.view(rows, ctx.per_row, g2.shape[-1])
+        xs = x.reshape(rows, ctx.per_row, x.shape[-1]).to(g.dtype)
+        a, b = _row_weights(lora_a, lora_b, row_slots, g.dtype)
+        grad_h = torch.bmm(g, b) * ctx.scaling  # zero on rows without memory (b is zero)
+        owners = row_slots.clamp(min=0)  # those rows add zeros to slot 0
+        grad_b = torch.zeros_like(lora_b).index_add_(
+            0, owners, torch.bmm(g.transpose(1, 2), h).to(lora_b.dtype)
+        )
+        grad_a = torch.zeros_like(lora_a).index_add_(
+            0, owners, torch.bmm(grad_h.transpose(1, 2), xs).to(lora_a.dtype)
+        )
+        grad_x = torch.bmm(grad_h, a).view(x.shape).to(x.dtype) if need_x else None
         return grad_out, grad_x, grad_a, grad_b, None, None
+
+
+def _row_slots(segments: Sequence[Segment], rows: int, device: torch.device) -> torch.Tensor:
+    """Each row's slot (-1: no memory) from the routing's segments."""
+    index = [-1] * rows
+    for slot, first, end in segments:
+        index[first:end] = [slot] * (end - first)
+    return _slot_tensor_cached(tuple(index), device)
+
+
+def _row_weights(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, row_slots: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A and B matrices of each row's slot, zero for rows without memory."""
+    owners = row_slots.clamp(min=0)
+    a = lora_a.index_select(0, owners).to(dtype)
+    b = lora_b.index_select(0, owners).to(dtype)
+    if bool((row_slots < 0).any()):
+        keep = (row_slots >= 0).to(dtype).view(-1, 1, 1)
+        a, b = a * keep, b * keep
+    return a, b
 
 
 class MemoryBank(nn.Module):

@@ -284,8 +284,9 @@ class SlotTrainer:
         )
         tokens = torch.zeros(self.bank.slots, dtype=torch.long)
         tokens.index_add_(0, row_slots, batch["attention_mask"].sum(1))
-        if self.fast.pack:  # one row per user: the bank routes rows, so slots stay apart
-            batch = pack_rows(batch, row_slots.tolist(), self.pad_token_id)
+        if self.fast.pack:  # a slot's examples share rows no wider than the padded batch
+            width = batch["input_ids"].shape[1]
+            batch = pack_rows(batch, row_slots.tolist(), self.pad_token_id, max_width=width)
             row_slots = batch.pop("groups").cpu()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         owners = row_slots.tolist()  # prefix-cache entries are filed by slot
