@@ -1,0 +1,170 @@
+"""Does memory converge on the real model? Memory settings tried on dev users only.
+
+Each setting is one `python -m milp.train +experiment=<source> split=dev` run with
+attribution on: every dev user's memory trained on their history, then every dev
+user's held-out golds scored under no memory, their own memory, every other dev user's
+memory and a task memory (one memory trained the same way on the train split's users,
+pooled). The table reports, per setting, the mean held-out gold NLL of each, how many
+users' own memory beats no memory and beats the task memory, owner top-1 (chance 1/N),
+ROUGE-L with and without memory, and the run's wall time. The test split is never
+read: choose a setting here, then run it on the test users.
+
+    python experiments/converge.py --source chitchat                 # the default grid
+    python experiments/converge.py --source shakespeare --settings base,epochs6
+    python experiments/converge.py --setting "mine=trainer.max_epochs=4 optim.lr=2e-3"
+
+Runs go under outputs/converge/<source>/<setting>/ and are resumed (finished users are
+skipped); the table is written to experiments/results/converge_<source>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> overrides of +experiment=<source>, from its own setting outwards.
+SETTINGS = {
+    "base": [],
+    "epochs6": ["trainer.max_epochs=6"],
+    "history64-epochs4": ["data.users.max_history=64", "trainer.max_epochs=4"],
+    "epochs6-lr3e-3": ["trainer.max_epochs=6", "optim.lr=3e-3"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", default="chitchat", help="an experiment: chitchat | shakespeare")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="names from SETTINGS")
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        help='an extra setting, "name=override override ..."',
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "converge")
+    p.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides for every setting")
+    return p.parse_args(argv)
+
+
+def chosen_settings(args) -> dict[str, list[str]]:
+    settings = {}
+    for name in filter(None, args.settings.split(",")):
+        if name not in SETTINGS:
+            raise SystemExit(f"--settings: unknown setting {name!r} (known: {', '.join(SETTINGS)})")
+        settings[name] = SETTINGS[name]
+    for spec in args.setting:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f'--setting {spec!r}: expected "name=override override ..."')
+        settings[name] = overrides.split()
+    return settings
+
+
+def run_setting(source: str, overrides: list[str], run_dir: Path) -> float | None:
+    """One dev run (resumed where it stopped); its wall seconds, None if already done."""
+    if (run_dir / "attribution.json").exists() and (run_dir / "metrics.json").exists():
+        return None
+    command = [
+        sys.executable,
+        "-m",
+        "milp.train",
+        f"+experiment={source}",
+        "split=dev",
+        "attribution.enabled=true",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    log = run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=os.environ)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log}")
+    seconds = time.perf_counter() - started
+    (run_dir / "converge_seconds.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def summarize(run_dir: Path) -> dict:
+    """The row of one setting from its run's metrics.json and attribution.json."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    attribution = json.loads((run_dir / "attribution.json").read_text())
+    summary = attribution.get("summary", attribution)
+    nll = summary["mean_nll"]
+    timing = run_dir / "converge_seconds.json"
+    return {
+        "users": summary["users"],
+        "no_memory_nll": nll.get("no memory"),
+        "task_memory_nll": nll.get("task memory"),
+        "own_nll": nll["own memory"],
+        "others_nll": nll["other users' memories"],
+        "beats_none": summary.get("own_beats_no_memory"),
+        "beats_task": summary.get("own_beats_task_memory"),
+        "top1": summary["per_user"]["top1"],
+        "chance": summary["chance"],
+        "rougeL": metrics["memory"]["rougeL"],
+        "rougeL_none": (metrics.get("no_memory") or {}).get("rougeL"),
+        "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
+    }
+
+
+def table(source: str, settings: dict[str, list[str]], rows: dict[str, dict]) -> str:
+    def f(x, spec=".4f"):
+        return "-" if x is None else format(x, spec)
+
+    def frac(x):
+        return "-" if x is None else f"{x['users']}/{x['of']}"
+
+    lines = [
+        f"# Convergence on dev users: +experiment={source} split=dev",
+        "",
+        "Held-out gold NLL (mean token NLL, nats; lower is better) of each dev user's",
+        "queries. Generated by `python experiments/converge.py --source " + source + "`.",
+        "",
+        "| setting | overrides | no memory | task memory | own memory | others' memories "
+        "| own < none | own < task | top-1 (chance) | ROUGE-L memory / none | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        wall = "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f} min"
+        lines.append(
+            f"| {name} | `{' '.join(settings[name]) or '(experiment as is)'}` "
+            f"| {f(r['no_memory_nll'])} | {f(r['task_memory_nll'])} | {f(r['own_nll'])} "
+            f"| {f(r['others_nll'])} | {frac(r['beats_none'])} | {frac(r['beats_task'])} "
+            f"| {r['top1']:.2f} ({r['chance']:.2f}) | {f(r['rougeL'])} / {f(r['rougeL_none'])} "
+            f"| {wall} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    settings = chosen_settings(args)
+    rows = {}
+    for name, overrides in settings.items():
+        run_dir = args.out / args.source / name
+        run_setting(args.source, [*overrides, *args.extra], run_dir)
+        rows[name] = summarize(run_dir)
+        text = table(args.source, settings, rows)
+        print(text, flush=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    target = args.results / f"converge_{args.source}.md"
+    partial = target.with_suffix(".md.tmp")
+    partial.write_text(text)
+    partial.replace(target)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
