@@ -10,7 +10,7 @@ ROUGE-L with and without memory, and the run's wall time. The test split is neve
 read: choose a setting here, then run it on the test users.
 
     python experiments/converge.py --source chitchat                 # the default grid
-    python experiments/converge.py --source shakespeare --settings base,epochs6
+    python experiments/converge.py --source shakespeare --settings experiment,epochs6
     python experiments/converge.py --setting "mine=trainer.max_epochs=4 optim.lr=2e-3"
 
 Runs go under outputs/converge/<source>/<setting>/ and are resumed (finished users are
@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> overrides of +experiment=<source>, from its own setting outwards.
 SETTINGS = {
-    "base": [],
-    "epochs6": ["trainer.max_epochs=6"],
+    "experiment": [],
+    "history32-epochs2": ["data.users.max_history=32", "trainer.max_epochs=2"],
+    "epochs6": ["data.users.max_history=32", "trainer.max_epochs=6"],
     "history64-epochs4": ["data.users.max_history=64", "trainer.max_epochs=4"],
-    "epochs6-lr3e-3": ["trainer.max_epochs=6", "optim.lr=3e-3"],
+    "epochs6-lr3e-3": ["data.users.max_history=32", "trainer.max_epochs=6", "optim.lr=3e-3"],
 }
 
 
