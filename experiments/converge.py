@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from jobs import ROOT, run, train_command
 
 # name -> overrides of +experiment=<source>, from its own setting outwards.
 SETTINGS = {
@@ -73,26 +69,15 @@ def run_setting(source: str, overrides: list[str], run_dir: Path) -> float | Non
     """One dev run (resumed where it stopped); its wall seconds, None if already done."""
     if (run_dir / "attribution.json").exists() and (run_dir / "metrics.json").exists():
         return None
-    command = [
-        sys.executable,
-        "-m",
-        "milp.train",
-        f"+experiment={source}",
+    command = train_command(
+        source,
         "split=dev",
         "attribution.enabled=true",
         "logger=none",
         f"hydra.run.dir={run_dir}",
         *overrides,
-    ]
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    log = run_dir.with_suffix(".log")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=os.environ)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log}")
-    seconds = time.perf_counter() - started
+    )
+    seconds = run(command, run_dir.with_suffix(".log"))
     (run_dir / "converge_seconds.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
 
@@ -100,8 +85,7 @@ def run_setting(source: str, overrides: list[str], run_dir: Path) -> float | Non
 def summarize(run_dir: Path) -> dict:
     """The row of one setting from its run's metrics.json and attribution.json."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    attribution = json.loads((run_dir / "attribution.json").read_text())
-    summary = attribution.get("summary", attribution)
+    summary = json.loads((run_dir / "attribution.json").read_text())
     nll = summary["mean_nll"]
     timing = run_dir / "converge_seconds.json"
     return {
