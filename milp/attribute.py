@@ -151,8 +151,9 @@ def train_task_memory(
 ) -> tuple[Path, dict]:
     """The task memory, trained by the run's own injector (same trainer, optimizer and
     seeding as the users' memories) and saved under `run_dir/task_memory`; a stored one
-    made from the same users and items is reused. Default size: the scored users' mean
-    history length, the budget one user's memory gets."""
+    made from the same users and items is reused. Default size: `test_users`' mean
+    history length, the budget one user's memory gets. It starts from fresh modules
+    (never from the injector's `start_memory`, which may be this very memory)."""
     items = plan.task_items or max(1, round(np.mean([len(u.history) for u in test_users])))
     history = pooled_history(plan.task_users, items)
     info = {"train_users": [u.user_id for u in plan.task_users], "items": len(history)}
@@ -162,7 +163,11 @@ def train_task_memory(
         return directory, info
     log.info("task memory: %d items from %d train users", len(history), len(plan.task_users))
     pooled = User(TASK_USER, history, [], [])
-    trained = next(iter(injector.run([pooled])))
+    start, injector.start_memory = injector.start_memory, None
+    try:
+        trained = next(iter(injector.run([pooled])))
+    finally:
+        injector.start_memory = start
     record = memory_info(memory, placement) | {
         "user_id": TASK_USER,
         "task": info,
@@ -248,9 +253,8 @@ def attribute(
     memories: dict[str, Path | None] = {u.user_id: adapters / u.slug for u in scored}
     task = None
     if plan.task_users is not None:
-        directory, task = train_task_memory(
-            plan, injector, base, memory, placement, scored, run_dir
-        )
+        # Sized by all the run's users, as memory.init=task sizes it: the same memory.
+        directory, task = train_task_memory(plan, injector, base, memory, placement, users, run_dir)
         memories[TASK_MEMORY] = directory
     memories[NO_MEMORY] = None
     batch_size = plan.batch_size or datamodule.eval_batch_size

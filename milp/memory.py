@@ -69,6 +69,7 @@ MODULE_FAMILIES = {
     ),
 }
 MEMORY_PREFIX = "memory_"
+MEMORY_INITS = ("fresh", "task")
 
 
 @dataclass
@@ -87,6 +88,11 @@ class MemoryConfig:
     # A run directory (or its adapters/ dir) whose users' memories this run continues
     # from instead of fresh modules (incremental memory; see milp/inject/__init__.py).
     resume_from: str | None = None
+    # Where a user's memory starts: "fresh" modules, or "task": a copy of one task memory
+    # trained first on the train split's pooled histories (OPPU's stage 1), so the user's
+    # training adds what is personal on top of what the data set's domain shares.
+    # Unused without memory (num_loras 0), like the other keys.
+    init: str = "fresh"
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig objects; plain lists keep the config serializable.
@@ -134,6 +140,10 @@ class MemoryConfig:
         self.resume_from = str(self.resume_from) if self.resume_from not in (None, "") else None
         if self.resume_from is not None and not self.num_loras:
             raise MilpError("memory.resume_from needs memory (num_loras >= 1)")
+        if self.init not in MEMORY_INITS:
+            raise MilpError(
+                f"memory.init must be one of {', '.join(MEMORY_INITS)}, got {self.init!r}"
+            )
 
     @property
     def window(self) -> tuple[int, int | None] | None:

@@ -11,6 +11,7 @@ memory: the zero-shot baseline.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from milp.adapters import adapter_config, memory_info, save_memory
-from milp.attribute import attribute, format_attribution, plan_from_train_config
+from milp.attribute import (
+    attribute,
+    format_attribution,
+    plan_attribution,
+    plan_from_train_config,
+    train_task_memory,
+)
 from milp.data.datamodule import UserDataModule
 from milp.errors import MilpError, exit_with
 from milp.inject import Injector, TrainedUser
@@ -94,6 +101,25 @@ def store_user(
     return result
 
 
+def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryConfig):
+    """For `memory.init=task`, the train-split users the task memory pools (checked before
+    anything trains; sized like the attribution's task memory, which is then the same
+    one); None otherwise."""
+    if not memory.enabled or memory.init != "task":
+        return None
+    settings = cfg.get("attribution") or {}
+    try:
+        return plan_attribution(
+            cfg,
+            datamodule.users,
+            task_memory=True,
+            task_items=settings.get("task_items"),
+            batch_size=None,
+        )
+    except MilpError as err:
+        raise MilpError(f"memory.init=task: {err}") from None
+
+
 def run(cfg: DictConfig) -> float | None:
     """Run memory injection over all users of the split; return the objective."""
     output_dir = HydraConfig.get().runtime.output_dir
@@ -117,10 +143,13 @@ def run(cfg: DictConfig) -> float | None:
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
     attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
+    task_start = plan_task_start(cfg, datamodule, memory)
 
     fingerprint_cfg = {
         k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
     }
+    if task_start is not None:  # the task memory's size decides where users start
+        fingerprint_cfg["task_start_items"] = task_start.task_items
     store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()
@@ -140,6 +169,15 @@ def run(cfg: DictConfig) -> float | None:
             objective=cfg.objective,
             memory_enabled=memory.enabled,
         )
+
+    if task_start is not None:
+        if shard.world_size > 1:
+            raise MilpError("memory.init=task runs in one process (train the task memory once)")
+        directory, info = train_task_memory(
+            task_start, injector, base, memory, placement, datamodule.users, Path(output_dir)
+        )
+        log.info("memory.init=task: every user starts from %s (%s)", directory, info)
+        injector.start_memory = directory
 
     users = shard.users(datamodule.users, datamodule.batch_size)
     # A search trial with pruning (milp/prune.py) takes its users in a fixed, seeded order

@@ -182,3 +182,48 @@ def test_bad_attribution_settings_are_one_line_errors(tmp_path):
     with pytest.raises(MilpError, match="attribution.task_items must be a positive integer"):
         plan_attribution(cfg, test_users, task_memory=False, task_items=0, batch_size=None)
     assert plan_attribution(cfg, test_users, task_memory=False, task_items=None, batch_size=4)
+
+
+@pytest.mark.parametrize("injection", ["sequential", "batched"])
+def test_task_init_starts_every_user_from_the_task_memory(milp_cache, tmp_path, injection):
+    """memory.init=task: one task memory is trained first on the train split's users and
+    every user's memory starts as a copy of it (with lr 0 they stay that copy, while fresh
+    memories differ per user); attribution scores that same task memory as its control."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "lamp4"
+    data.mkdir()
+    write_split(data, "test", TEST_WORDS)
+    write_split(data, "train", TRAIN_WORDS)
+    out = tmp_path / "run"
+    run_milp(
+        [
+            "+experiment=lamp",
+            *TINY_MODEL_OVERRIDES,
+            "data=lamp4",
+            f"data.path={data}",
+            f"injection={injection}",
+            "memory.init=task",
+            "optim.lr=0.0",
+            "trainer.max_epochs=1",
+            "memory.rank=2",
+            "generation.max_new_tokens=2",
+            "callbacks=none",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            "attribution.enabled=true",
+            f"hydra.run.dir={out}",
+        ],
+        milp_cache,
+    )
+    task = load_file(out / "task_memory" / "memory_0" / "adapter_model.safetensors")
+    for user in TEST_WORDS:
+        own = load_file(out / "adapters" / user / "memory_0" / "adapter_model.safetensors")
+        assert own.keys() == task.keys()
+        for key, value in task.items():
+            assert (own[key] == value).all(), (user, key)
+    info = json.loads((out / "task_memory" / "memory.json").read_text())
+    assert info["task"] == {"train_users": list(TRAIN_WORDS), "items": 8}
+    summary = json.loads((out / "attribution.json").read_text())
+    # Every memory is the task memory: all tie, so attribution is at chance exactly.
+    assert summary["per_user"]["top1"] == pytest.approx(1 / 3, abs=1e-12)

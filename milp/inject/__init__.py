@@ -13,7 +13,8 @@ memory is created and its data shuffled), the data (`milp.data.datamodule`), ans
 and scoring (`answer.answer_queries`), and the result record (`TrainedUser.record`).
 Incremental memory (`memory.resume_from`): a user with a stored memory there starts from
 it (all modules, trainable; fresh optimizer state) instead of fresh modules; the stored
-run is only read.
+run is only read. `start_memory` (set by `milp.train` for `memory.init=task`) is where
+every other user starts: a copy of the run's task memory.
 """
 
 from __future__ import annotations
@@ -101,12 +102,17 @@ class Injector:
         self.resume_root = (
             adapters_root(memory.resume_from, "memory.resume_from") if memory.resume_from else None
         )
+        # A stored memory every user without a resume_from memory starts from.
+        self.start_memory: Path | None = None
 
     def stored_memory(self, user: User) -> Path | None:
-        """The user's memory to continue from (`memory.resume_from`), if any."""
-        if self.resume_root is None:
-            return None
-        return find_memory(self.resume_root, user, self.memory, self.placement)
+        """The memory the user starts from: theirs under `memory.resume_from`, else
+        `start_memory`; None: fresh modules."""
+        if self.resume_root is not None:
+            stored = find_memory(self.resume_root, user, self.memory, self.placement)
+            if stored is not None:
+                return stored
+        return self.start_memory
 
     def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
         raise NotImplementedError
