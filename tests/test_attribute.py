@@ -42,31 +42,39 @@ def write_split(directory, split: str, words: dict[str, str]) -> None:
     (directory / f"{split}_outputs.json").write_text(json.dumps({"task": "LaMP_4", "golds": golds}))
 
 
-def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
-    milp_cache, tmp_path, monkeypatch, capsys
-):
+def lamp4_files(tmp_path):
+    """A LaMP-4 directory with the test and train users above."""
     data = tmp_path / "lamp4"
     data.mkdir()
     write_split(data, "test", TEST_WORDS)
     write_split(data, "train", TRAIN_WORDS)
+    return data
+
+
+def attribution_run(data, out, *overrides: str) -> list[str]:
+    """`milp.train` overrides of a tiny run with attribution on `data`, into `out`."""
+    return [
+        "+experiment=lamp",
+        *TINY_MODEL_OVERRIDES,
+        "data=lamp4",
+        f"data.path={data}",
+        *overrides,
+        "memory.rank=2",
+        "generation.max_new_tokens=2",
+        "callbacks=none",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "attribution.enabled=true",
+        f"hydra.run.dir={out}",
+    ]
+
+
+def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
+    milp_cache, tmp_path, monkeypatch, capsys
+):
+    data = lamp4_files(tmp_path)
     out = tmp_path / "run"
-    result = run_milp(
-        [
-            "+experiment=lamp",
-            *TINY_MODEL_OVERRIDES,
-            "data=lamp4",
-            f"data.path={data}",
-            "trainer.max_epochs=4",
-            "memory.rank=2",
-            "generation.max_new_tokens=2",
-            "callbacks=none",
-            "logger=none",
-            "trainer.enable_progress_bar=false",
-            "attribution.enabled=true",
-            f"hydra.run.dir={out}",
-        ],
-        milp_cache,
-    )
+    result = run_milp(attribution_run(data, out, "trainer.max_epochs=4"), milp_cache)
     # The table has the likelihood column; the attribution summary follows it.
     assert "    NLL  users" in result.stdout
     assert "owner top-1: 1.000 per user, 1.000 per query (chance 0.333)" in result.stdout
@@ -191,31 +199,10 @@ def test_task_init_starts_every_user_from_the_task_memory(milp_cache, tmp_path, 
     memories differ per user); attribution scores that same task memory as its control."""
     from safetensors.torch import load_file
 
-    data = tmp_path / "lamp4"
-    data.mkdir()
-    write_split(data, "test", TEST_WORDS)
-    write_split(data, "train", TRAIN_WORDS)
+    data = lamp4_files(tmp_path)
     out = tmp_path / "run"
-    run_milp(
-        [
-            "+experiment=lamp",
-            *TINY_MODEL_OVERRIDES,
-            "data=lamp4",
-            f"data.path={data}",
-            f"injection={injection}",
-            "memory.init=task",
-            "optim.lr=0.0",
-            "trainer.max_epochs=1",
-            "memory.rank=2",
-            "generation.max_new_tokens=2",
-            "callbacks=none",
-            "logger=none",
-            "trainer.enable_progress_bar=false",
-            "attribution.enabled=true",
-            f"hydra.run.dir={out}",
-        ],
-        milp_cache,
-    )
+    overrides = [f"injection={injection}", "memory.init=task", "optim.lr=0.0"]
+    run_milp(attribution_run(data, out, *overrides, "trainer.max_epochs=1"), milp_cache)
     task = load_file(out / "task_memory" / "memory_0" / "adapter_model.safetensors")
     for user in TEST_WORDS:
         own = load_file(out / "adapters" / user / "memory_0" / "adapter_model.safetensors")
