@@ -19,6 +19,8 @@ Steps (each resumable: finished runs are skipped when their outputs exist):
     python experiments/reproduce.py --source chitchat        # SmolLM2 + Chit-Chat users
     python experiments/reproduce.py --data lamp4 --data-path /data/LaMP_4
     python experiments/reproduce.py --smoke                  # 2 users, 1 seed, budget 2
+    python experiments/reproduce.py --source chitchat --methods zero_shot,rag,milp_default \
+        --reference milp_default                             # a subset of the methods
 """
 
 from __future__ import annotations
@@ -134,10 +136,11 @@ def evaluate_methods(
     tuning: dict[str, dict],
     data: list[str],
     test_users: list[str],
+    methods: list[str],
 ) -> dict[str, list[dict]]:
     """Run every method for every seed on the test users with its tuned settings."""
     results: dict[str, list[dict]] = {}
-    for method in METHODS:
+    for method in methods:
         chosen = tuning.get(method, {}).get("settings", [])
         for seed in seeds:
             run_dir = out / "runs" / method / f"seed{seed}"
@@ -198,6 +201,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--layers", type=int, default=None, help="the model's layers (searched window bounds)")
     add("--space", nargs="*", default=None, help="extra sweep overrides for the tuning spaces")
     add("--ablate", action=argparse.BooleanOptionalAction, default=None, help="run ablations")
+    add(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated methods to tune and run (default: all of {', '.join(METHODS)})",
+    )
     add("--reference", default="milp", help="the method compared with every other")
     add("--metrics", nargs="+", default=list(COMPARED), help="per-user metrics compared")
     add("--tie-tolerance", type=float, default=0.01, help="|Δ| at or below: a tie")
@@ -212,13 +220,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seeds, args.budget, args.dev_users, args.test_users = [0], 2, 2, 2
         args.ablate = bool(args.ablate)
     args.name = name
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown or 'none given'} (known: {', '.join(METHODS)})")
+    if args.reference not in args.methods:
+        parser.error(f"--reference {args.reference}: not among --methods {','.join(args.methods)}")
     args.experiment = profile.experiment
     args.seeds = args.seeds or list(profile.seeds)
     args.budget = args.budget or profile.budget
     args.dev_users = args.dev_users or profile.dev_users
     args.layers = args.layers or profile.layers
     args.space = [*profile.space, *(args.space or [])]
-    args.ablate = profile.ablations if args.ablate is None else args.ablate
+    if args.ablate and "milp" not in args.methods:
+        parser.error("--ablate: the ablations start from MiLP's search; add milp to --methods")
+    if args.ablate is None:  # the source's default, where MiLP's search is run
+        args.ablate = profile.ablations and "milp" in args.methods
     return args
 
 
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = Budget(args.budget, args.optimizer, 0, not args.no_pruning, args.dev_users)
     tuning = tune_all(
-        list(METHODS),
+        args.methods,
         experiment=args.experiment,
         budget=budget,
         out=out,
@@ -246,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.ablate:
         ablate(out, data, dev_users)
-    results = evaluate_methods(out, args.experiment, args.seeds, tuning, data, test_users)
+    results = evaluate_methods(
+        out, args.experiment, args.seeds, tuning, data, test_users, args.methods
+    )
 
     rows = comparisons(
         results,

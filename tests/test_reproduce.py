@@ -131,3 +131,19 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
     assert f"| {mid:.4f} |" in line
     for plot in ["methods.png", "differences.png", "search_convergence.png"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_subset_is_checked_before_anything_runs(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from reproduce import parse_args
+
+    args = parse_args(["--methods", "zero_shot,rag,milp_default", "--reference", "milp_default"])
+    assert args.methods == ["zero_shot", "rag", "milp_default"]
+    for argv, message in [
+        (["--methods", "zero_shot,rgx"], "--methods: unknown"),
+        (["--methods", "zero_shot,rag"], "--reference milp: not among --methods"),
+        (["--methods", "milp_default", "--reference", "milp_default", "--ablate"], "--ablate"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
