@@ -31,6 +31,7 @@ SETTINGS = {
     "history32-epochs2": ["data.users.max_history=32", "trainer.max_epochs=2"],
     "epochs6": ["data.users.max_history=32", "trainer.max_epochs=6"],
     "history64-epochs4": ["data.users.max_history=64", "trainer.max_epochs=4"],
+    "history64-epochs2": ["data.users.max_history=64", "trainer.max_epochs=2"],
     "epochs6-lr3e-3": ["data.users.max_history=32", "trainer.max_epochs=6", "optim.lr=3e-3"],
     # Each user's memory starts from the task memory (trained first on the train users).
     "task-init": ["memory.init=task"],
