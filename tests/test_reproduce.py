@@ -11,6 +11,9 @@ import yaml
 from conftest import ROOT
 from rouge_score import rouge_scorer, scoring
 
+sys.path.insert(0, str(ROOT / "experiments"))
+from reproduce import parse_args  # noqa: E402
+
 # 8 layers, like the default, so the search space's layer windows are valid; pretrained
 # enough that some answers share words with the golds (the comparisons are not all 0).
 SMOKE_MODEL = [
@@ -133,10 +136,7 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_methods_subset_is_checked_before_anything_runs(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from reproduce import parse_args
-
+def test_methods_subset_is_checked_before_anything_runs(capsys):
     args = parse_args(["--methods", "zero_shot,rag,milp_default", "--reference", "milp_default"])
     assert args.methods == ["zero_shot", "rag", "milp_default"]
     for argv, message in [
