@@ -35,6 +35,11 @@ SETTINGS = {
     "epochs6-lr3e-3": ["data.users.max_history=32", "trainer.max_epochs=6", "optim.lr=3e-3"],
     # Each user's memory starts from the task memory (trained first on the train users).
     "task-init": ["memory.init=task"],
+    # The same, the users' stage 2 at a lower rate; the task memory (the control) keeps
+    # the experiment's 1e-3, so it is the very memory of the fresh settings.
+    "task-init-lr3e-4": ["memory.init=task", "optim.lr=3e-4", "attribution.task_lr=1e-3"],
+    # Twice the history per user at the same 32 steps (fresh memory).
+    "history128-epochs2": ["data.users.max_history=128", "trainer.max_epochs=2"],
 }
 
 

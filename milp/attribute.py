@@ -63,11 +63,13 @@ TASK_USER = "__task__"  # the pooled train-split user the task memory is trained
 @dataclass
 class AttributionPlan:
     """What an attribution run needs besides the run's model and memories, checked early:
-    the train-split users a task memory pools (None: no task memory)."""
+    the train-split users a task memory pools (None: no task memory), its size and its
+    learning rate (None: the run's `optim.lr`)."""
 
     task_users: list[User] | None
     task_items: int | None
     batch_size: int | None
+    task_lr: float | None = None
 
 
 def plan_attribution(
@@ -77,6 +79,7 @@ def plan_attribution(
     task_memory: bool,
     task_items: int | None,
     batch_size: int | None,
+    task_lr: float | None = None,
     key: str = "attribution",
 ) -> AttributionPlan:
     """Validate the settings (`key` names them in errors) and load the train split's users
@@ -86,10 +89,15 @@ def plan_attribution(
             raise MilpError(f"{key}.{name} must be a positive integer or null, got {value!r}")
         if value is not None and value < 1:
             raise MilpError(f"{key}.{name} must be a positive integer or null, got {value}")
+    if task_lr is not None and (
+        isinstance(task_lr, bool) or not isinstance(task_lr, int | float) or task_lr < 0
+    ):
+        raise MilpError(f"{key}.task_lr must be a number >= 0 or null, got {task_lr!r}")
+    task_lr = None if task_lr is None else float(task_lr)
     if not isinstance(task_memory, bool):
         raise MilpError(f"{key}.task_memory must be true or false, got {task_memory!r}")
     if not task_memory:
-        return AttributionPlan(None, task_items, batch_size)
+        return AttributionPlan(None, task_items, batch_size, task_lr)
     from milp.train import build  # the command's builder (milp.train imports this lazily)
 
     train_cfg = copy.deepcopy(cfg)  # the data node's ${split} resolves against this root
@@ -105,7 +113,7 @@ def plan_attribution(
             f"{key}.task_memory: the train split shares {len(shared)} user(s) with split "
             f"{cfg.split} (e.g. {shared[0]}); a task memory must not see the scored users"
         )
-    return AttributionPlan(users, task_items, batch_size)
+    return AttributionPlan(users, task_items, batch_size, task_lr)
 
 
 def plan_from_train_config(
@@ -125,6 +133,7 @@ def plan_from_train_config(
         task_memory=settings.get("task_memory", False),
         task_items=settings.get("task_items"),
         batch_size=settings.get("batch_size"),
+        task_lr=settings.get("task_lr"),
     )
 
 
@@ -150,13 +159,15 @@ def train_task_memory(
     run_dir: Path,
 ) -> tuple[Path, dict]:
     """The task memory, trained by the run's own injector (same trainer, optimizer and
-    seeding as the users' memories) and saved under `run_dir/task_memory`; a stored one
-    made from the same users and items is reused. Default size: `test_users`' mean
-    history length, the budget one user's memory gets. It starts from fresh modules
-    (never from the injector's `start_memory`, which may be this very memory)."""
+    seeding as the users' memories; learning rate `plan.task_lr` where set) and saved
+    under `run_dir/task_memory`; a stored one made from the same users, items and learning
+    rate is reused. Default size: `test_users`' mean history length, the budget one
+    user's memory gets. It starts from fresh modules (never from the injector's
+    `start_memory`, which may be this very memory)."""
     items = plan.task_items or max(1, round(np.mean([len(u.history) for u in test_users])))
     history = pooled_history(plan.task_users, items)
-    info = {"train_users": [u.user_id for u in plan.task_users], "items": len(history)}
+    lr = injector.optim["lr"] if plan.task_lr is None else plan.task_lr
+    info = {"train_users": [u.user_id for u in plan.task_users], "items": len(history), "lr": lr}
     directory = run_dir / "task_memory"
     index = directory / MEMORY_INDEX
     if index.is_file() and json.loads(index.read_text()).get("task") == info:
@@ -165,7 +176,8 @@ def train_task_memory(
     pooled = User(TASK_USER, history, [], [])
     start, injector.start_memory = injector.start_memory, None
     try:
-        trained = next(iter(injector.run([pooled])))
+        with injector.learning_rate(lr):
+            trained = next(iter(injector.run([pooled])))
     finally:
         injector.start_memory = start
     record = memory_info(memory, placement) | {
@@ -291,6 +303,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         task_memory=cfg.task_memory,
         task_items=cfg.task_items,
         batch_size=cfg.batch_size,
+        task_lr=cfg.task_lr,
         key="attribute",
     )
     base = build(run_cfg.model)

@@ -115,6 +115,7 @@ def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryC
             task_memory=True,
             task_items=settings.get("task_items"),
             batch_size=None,
+            task_lr=settings.get("task_lr"),
         )
     except MilpError as err:
         raise MilpError(f"memory.init=task: {err}") from None
@@ -148,8 +149,9 @@ def run(cfg: DictConfig) -> float | None:
     fingerprint_cfg = {
         k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
     }
-    if task_start is not None:  # the task memory's size decides where users start
+    if task_start is not None:  # the task memory decides where users start
         fingerprint_cfg["task_start_items"] = task_start.task_items
+        fingerprint_cfg["task_start_lr"] = task_start.task_lr
     store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()

@@ -98,7 +98,8 @@ def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
         none = matrix["query_nll"][rows.index(NO_MEMORY)][j]
         assert none == pytest.approx(predictions[query["id"]]["nll_no_memory"], abs=1e-4)
     task = json.loads((out / "task_memory" / "memory.json").read_text())
-    assert task["task"] == {"train_users": list(TRAIN_WORDS), "items": 8}
+    # Trained at the users' own rate (the +experiment=lamp optim.lr), as task_lr is null.
+    assert task["task"] == {"train_users": list(TRAIN_WORDS), "items": 8, "lr": 0.01}
 
     # Identical users: every user holds the same memory, so every memory ties on every
     # query and the owner gets its share of the tie: exactly chance.
@@ -189,28 +190,40 @@ def test_bad_attribution_settings_are_one_line_errors(tmp_path):
         plan_attribution(cfg, test_users, task_memory=True, task_items=None, batch_size=None)
     with pytest.raises(MilpError, match="attribution.task_items must be a positive integer"):
         plan_attribution(cfg, test_users, task_memory=False, task_items=0, batch_size=None)
+    with pytest.raises(MilpError, match="attribution.task_lr must be a number >= 0"):
+        plan_attribution(
+            cfg, test_users, task_memory=False, task_items=None, batch_size=None, task_lr=-1e-3
+        )
     assert plan_attribution(cfg, test_users, task_memory=False, task_items=None, batch_size=4)
 
 
 @pytest.mark.parametrize("injection", ["sequential", "batched"])
 def test_task_init_starts_every_user_from_the_task_memory(milp_cache, tmp_path, injection):
-    """memory.init=task: one task memory is trained first on the train split's users and
-    every user's memory starts as a copy of it (with lr 0 they stay that copy, while fresh
-    memories differ per user); attribution scores that same task memory as its control."""
+    """memory.init=task: one task memory is trained first on the train split's users, at
+    its own rate (attribution.task_lr), and every user's memory starts as a copy of it
+    (with optim.lr 0 they stay that copy, while fresh memories differ per user);
+    attribution scores that same task memory as its control."""
     from safetensors.torch import load_file
 
     data = lamp4_files(tmp_path)
     out = tmp_path / "run"
-    overrides = [f"injection={injection}", "memory.init=task", "optim.lr=0.0"]
+    overrides = [
+        f"injection={injection}",
+        "memory.init=task",
+        "optim.lr=0.0",
+        "attribution.task_lr=0.01",
+    ]
     run_milp(attribution_run(data, out, *overrides, "trainer.max_epochs=1"), milp_cache)
     task = load_file(out / "task_memory" / "memory_0" / "adapter_model.safetensors")
+    # Trained at task_lr, not at the users' lr 0: its B matrices left their zero start.
+    assert any(v.abs().sum() > 0 for k, v in task.items() if "lora_B" in k)
     for user in TEST_WORDS:
         own = load_file(out / "adapters" / user / "memory_0" / "adapter_model.safetensors")
         assert own.keys() == task.keys()
         for key, value in task.items():
             assert (own[key] == value).all(), (user, key)
     info = json.loads((out / "task_memory" / "memory.json").read_text())
-    assert info["task"] == {"train_users": list(TRAIN_WORDS), "items": 8}
+    assert info["task"] == {"train_users": list(TRAIN_WORDS), "items": 8, "lr": 0.01}
     summary = json.loads((out / "attribution.json").read_text())
     # Every memory is the task memory: all tie, so attribution is at chance exactly.
     assert summary["per_user"]["top1"] == pytest.approx(1 / 3, abs=1e-12)

@@ -20,6 +20,7 @@ every other user starts: a copy of the run's task memory.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,15 @@ class Injector:
         )
         # A stored memory every user without a resume_from memory starts from.
         self.start_memory: Path | None = None
+
+    @contextmanager
+    def learning_rate(self, lr: float) -> Iterator[None]:
+        """Train at `lr` inside the block (the task memory's own rate), `optim.lr` after."""
+        saved, self.optim["lr"] = self.optim["lr"], float(lr)
+        try:
+            yield
+        finally:
+            self.optim["lr"] = saved
 
     def stored_memory(self, user: User) -> Path | None:
         """The memory the user starts from: theirs under `memory.resume_from`, else

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,6 +330,20 @@ class BatchedInjector(Injector):
             self.answer_bank = MemoryBank(
                 self.targets, self.slots, self.memory, device=self.loop.device
             )
+
+    @contextmanager
+    def learning_rate(self, lr: float) -> Iterator[None]:
+        # The slot optimizer is built once, with optim.lr: it takes the rate too.
+        with super().learning_rate(lr):
+            optimizer = self.loop.optimizer if self.memory.enabled else None
+            saved = optimizer.lr if optimizer else None
+            if optimizer:
+                optimizer.lr = float(lr)
+            try:
+                yield
+            finally:
+                if optimizer:
+                    optimizer.lr = saved
 
     def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
         if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
