@@ -14,7 +14,8 @@ read: choose a setting here, then run it on the test users.
     python experiments/converge.py --setting "mine=trainer.max_epochs=4 optim.lr=2e-3"
 
 Runs go under outputs/converge/<source>/<setting>/ and are resumed (finished users are
-skipped); the table is written to experiments/results/converge_<source>.md.
+skipped); the table is written to experiments/results/converge_<source>.md, where rows
+of settings not run this time are kept.
 """
 
 from __future__ import annotations
@@ -112,7 +113,22 @@ def summarize(run_dir: Path) -> dict:
     }
 
 
-def table(source: str, settings: dict[str, list[str]], rows: dict[str, dict]) -> str:
+def table_rows(text: str) -> dict[str, str]:
+    """The settings' rows of a table written by `table`, by setting name."""
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and line.startswith("| ") and cells[2].strip().startswith("`"):
+            rows[cells[1].strip()] = line
+    return rows
+
+
+def table(
+    source: str, settings: dict[str, list[str]], rows: dict[str, dict], earlier: dict[str, str]
+) -> str:
+    """The markdown table: `earlier` rows (from the file, settings not run now) kept in
+    their place, this run's settings replacing or following them."""
+
     def f(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
 
@@ -129,30 +145,34 @@ def table(source: str, settings: dict[str, list[str]], rows: dict[str, dict]) ->
         "| own < none | own < task | top-1 (chance) | ROUGE-L memory / none | wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    body = dict(earlier)
     for name, r in rows.items():
         wall = "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f} min"
-        lines.append(
+        body[name] = (
             f"| {name} | `{' '.join(settings[name]) or '(experiment as is)'}` "
             f"| {f(r['no_memory_nll'])} | {f(r['task_memory_nll'])} | {f(r['own_nll'])} "
             f"| {f(r['others_nll'])} | {frac(r['beats_none'])} | {frac(r['beats_task'])} "
             f"| {r['top1']:.2f} ({r['chance']:.2f}) | {f(r['rougeL'])} / {f(r['rougeL_none'])} "
             f"| {wall} |"
         )
+    lines += body.values()
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     settings = chosen_settings(args)
+    target = args.results / f"converge_{args.source}.md"
+    # Settings run before (their run dirs may be gone) keep their rows.
+    earlier = table_rows(target.read_text()) if target.exists() else {}
     rows = {}
     for name, overrides in settings.items():
         run_dir = args.out / args.source / name
         run_setting(args.source, [*overrides, *args.extra], run_dir)
         rows[name] = summarize(run_dir)
-        text = table(args.source, settings, rows)
+        text = table(args.source, settings, rows, earlier)
         print(text, flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    target = args.results / f"converge_{args.source}.md"
     partial = target.with_suffix(".md.tmp")
     partial.write_text(text)
     partial.replace(target)

@@ -65,6 +65,16 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _f_measure(_lcs_length(pred, ref), len(pred), len(ref))
 
 
+def rouge_l_parts(prediction: str, reference: str) -> tuple[float, float, float]:
+    """ROUGE-L (precision, recall, F-measure): what F trades, e.g. a short answer's
+    precision against a long one's recall."""
+    pred, ref = tokenize(prediction), tokenize(reference)
+    lcs = _lcs_length(pred, ref)
+    precision = lcs / len(pred) if pred else 0.0
+    recall = lcs / len(ref) if ref else 0.0
+    return precision, recall, _f_measure(lcs, len(pred), len(ref))
+
+
 def persona_scores(response: str, history: Iterable[str]) -> tuple[float, float, float]:
     """Persona precision, recall and F1 of a response against a user's history.
 

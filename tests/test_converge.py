@@ -48,3 +48,17 @@ def test_converge_tabulates_dev_runs_with_attribution_and_never_reads_test(
     assert (tmp_path / "runs" / "lamp" / "long" / "attribution.png").is_file()
     # A finished setting is not run again (its run dir already has the results).
     assert converge.run_setting("lamp", [], tmp_path / "runs" / "lamp" / "long") is None
+    # A later invocation with one setting keeps the other setting's row in the table.
+    converge.main(
+        [
+            "--source=lamp",
+            "--settings=",
+            "--setting=long=trainer.max_epochs=4",
+            f"--out={tmp_path / 'runs'}",
+            f"--results={tmp_path / 'results'}",
+            "--extra",
+            *common,
+        ]
+    )
+    again = (tmp_path / "results" / "converge_lamp.md").read_text()
+    assert again == table

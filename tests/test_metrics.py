@@ -3,7 +3,14 @@ import random
 import pytest
 from rouge_score import rouge_scorer
 
-from milp.metrics import ResponseMetrics, persona_scores, rouge_1, rouge_l, tokenize
+from milp.metrics import (
+    ResponseMetrics,
+    persona_scores,
+    rouge_1,
+    rouge_l,
+    rouge_l_parts,
+    tokenize,
+)
 
 WORDS = "the a cat dog sat on mat runs fast slow big red Blue GREEN it's x-ray 42 café !".split()
 
@@ -22,6 +29,8 @@ def test_rouge_agrees_with_rouge_score_package():
         expected = scorer.score(reference, prediction)
         assert rouge_1(prediction, reference) == pytest.approx(expected["rouge1"].fmeasure)
         assert rouge_l(prediction, reference) == pytest.approx(expected["rougeL"].fmeasure)
+        parts = rouge_l_parts(prediction, reference)
+        assert parts == pytest.approx(tuple(expected["rougeL"]))  # (precision, recall, F)
 
 
 def test_no_stemming():
