@@ -26,21 +26,28 @@ from pathlib import Path
 
 from jobs import ROOT, run, train_command
 
-# name -> overrides of +experiment=<source>, from its own setting outwards.
+# name -> overrides of +experiment=<source>; each states the memory's start and rate, so a
+# row means the same whatever the experiment's own setting is.
+FRESH = ["memory.init=fresh", "optim.lr=1e-3"]
 SETTINGS = {
     "experiment": [],
-    "history32-epochs2": ["data.users.max_history=32", "trainer.max_epochs=2"],
-    "epochs6": ["data.users.max_history=32", "trainer.max_epochs=6"],
-    "history64-epochs4": ["data.users.max_history=64", "trainer.max_epochs=4"],
-    "history64-epochs2": ["data.users.max_history=64", "trainer.max_epochs=2"],
-    "epochs6-lr3e-3": ["data.users.max_history=32", "trainer.max_epochs=6", "optim.lr=3e-3"],
+    "history32-epochs2": ["data.users.max_history=32", "trainer.max_epochs=2", *FRESH],
+    "epochs6": ["data.users.max_history=32", "trainer.max_epochs=6", *FRESH],
+    "history64-epochs4": ["data.users.max_history=64", "trainer.max_epochs=4", *FRESH],
+    "history64-epochs2": ["data.users.max_history=64", "trainer.max_epochs=2", *FRESH],
+    "epochs6-lr3e-3": [
+        "data.users.max_history=32",
+        "trainer.max_epochs=6",
+        "memory.init=fresh",
+        "optim.lr=3e-3",
+    ],
     # Each user's memory starts from the task memory (trained first on the train users).
-    "task-init": ["memory.init=task"],
+    "task-init": ["memory.init=task", "optim.lr=1e-3", "attribution.task_lr=1e-3"],
     # The same, the users' stage 2 at a lower rate; the task memory (the control) keeps
-    # the experiment's 1e-3, so it is the very memory of the fresh settings.
+    # 1e-3, so it is the very memory of the fresh settings.
     "task-init-lr3e-4": ["memory.init=task", "optim.lr=3e-4", "attribution.task_lr=1e-3"],
     # Twice the history per user at the same 32 steps (fresh memory).
-    "history128-epochs2": ["data.users.max_history=128", "trainer.max_epochs=2"],
+    "history128-epochs2": ["data.users.max_history=128", "trainer.max_epochs=2", *FRESH],
 }
 
 

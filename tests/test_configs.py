@@ -144,16 +144,29 @@ def test_every_experiment(option, cache):
     OmegaConf.to_container(cfg, resolve=True)  # every other interpolation resolves
 
 
+@pytest.mark.parametrize("experiment", options(CONF / "experiment"))
 @pytest.mark.parametrize("option", options(CONF / "method"))
-def test_every_method(option, cache):
-    cfg = composed("+experiment=lamp", f"+method={option}")
+def test_every_method(option, experiment, cache):
+    cfg = composed(f"+experiment={experiment}", f"+method={option}")
     memory = instantiate(cfg.memory)
     assert memory.enabled == (option not in ("zero_shot", "rag"))
     assert (cfg.retrieval.k > 0) == (option in ("rag", "milp_rag"))
+    if option.startswith("milp"):  # MiLP's methods keep the experiment's own memory
+        own = instantiate(composed(f"+experiment={experiment}").memory)
+        assert (memory.num_loras, memory.rank, memory.layers) == (
+            own.num_loras,
+            own.rank,
+            own.layers,
+        )
+
+
+@pytest.mark.parametrize("experiment", options(CONF / "experiment"))
+def test_memory_none_replaces_every_experiments_memory(experiment, cache):
+    cfg = composed(f"+experiment={experiment}", "memory=none")
+    assert instantiate(cfg.memory).num_loras == 0
 
 
 def test_memory_none_and_a_method_replace_the_experiments_memory(cache):
-    assert instantiate(composed("+experiment=lamp", "memory=none").memory).num_loras == 0
     oppu = instantiate(composed("+experiment=lamp", "+method=oppu").memory)
     assert (oppu.num_loras, oppu.target_modules) == (1, ["q_proj", "v_proj"])
 
