@@ -10,7 +10,8 @@ Steps (each resumable: finished runs are skipped when their outputs exist):
    zero-shot, retrieval-in-prompt (BM25), one PEFT per user (OPPU-style), MiLP (searched),
    MiLP + retrieval, memory with the default (unsearched) configuration, MiLP with the
    sparse-history remedy,
-4. `<out>/<source>.md` and PNG plots: the tuning record, methods x metrics (plain mean
+4. `<out>/<source>.md`, with its PNG plots, runs, logs and `tuning.json` under
+   `<out>/<source>/`: the tuning record, methods x metrics (plain mean
    ± std over seeds beside LaMP's bootstrap aggregation of ROUGE), the reference method
    against each baseline (paired bootstrap 95% interval by user, wins / ties / losses),
    wall times, a breakdown by history size, the paper's claims checked.
@@ -45,7 +46,8 @@ from results_tables import (
 )
 from tuning import Budget, tune_all
 
-from milp.files import atomic_write_text
+from milp.attribution_stats import format_attribution
+from milp.files import atomic_write_bytes, atomic_write_text
 from milp.metrics import rouge_1, rouge_l
 
 # The run's +method=... for each row (milp_default: MiLP's memory, not the search's).
@@ -70,8 +72,8 @@ class Source:
 
 SOURCES = {
     "synthetic": Source("lamp", 8, (0, 1, 2), 12, 8, True),
-    # SmolLM2-135M (30 layers) on 4 dev / 8 test users; epochs capped so that a trial
-    # stays within CPU minutes (one LoRA step of 8 chat pairs: ~10-20 s on 2 cores).
+    # SmolLM2-135M (30 layers) on 8 dev / 8 test users; epochs capped so that a trial
+    # stays within CPU minutes (one LoRA step of 8 chat pairs: ~2-3 s on 2 cores).
     "chitchat": Source("chitchat", 30, (0,), 4, None, False, ("trainer.max_epochs=range(2,7)",)),
 }
 
@@ -239,6 +241,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def attribution_section(out: Path, methods: list[str], seeds: list[int]) -> str:
+    """The attribution summary of every test run that has one (runs with memory and
+    `attribution.enabled`; milp/attribute.py), as the run printed it."""
+    blocks = []
+    for method in methods:
+        for seed in seeds:
+            path = out / "runs" / method / f"seed{seed}" / "attribution.json"
+            if path.is_file():
+                summary = json.loads(path.read_text())
+                name = METHODS.get(method, method)
+                # The heatmap beside the other plots (the runs stay local).
+                heatmap = out / f"attribution_{method}_seed{seed}.png"
+                atomic_write_bytes(heatmap, path.with_suffix(".png").read_bytes())
+                blocks.append(
+                    f"{name}, seed {seed}:\n\n```\n{format_attribution(summary)}\n```\n\n"
+                    f"![attribution]({out.name}/{heatmap.name})"
+                )
+    return "\n\n".join(blocks) or "(no test run with memory had attribution on)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = [
@@ -248,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     dev_users = [f"data.users.max_users={args.dev_users}"] if args.dev_users else []
     test_users = [f"data.users.max_users={args.test_users}"] if args.test_users else []
-    out = args.out
+    # Each source works in its own folder (runs, logs, tuning record, plots), so that one
+    # source's finished runs are never taken for another's; the report sits beside it.
+    report_path = args.out / f"{args.name}.md"
+    out = args.out / args.name
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -315,7 +340,7 @@ and the method's tuning.
 
 {methods_table(results, tuning, list(SHOWN))}
 
-![methods](methods.png)
+![methods]({out.name}/methods.png)
 
 ## {reference} against each baseline (paired by user)
 
@@ -327,11 +352,15 @@ is better).
 
 {comparison_table(rows, args.reference)}
 
-{"![differences](differences.png)" if rows else ""}
+{f"![differences]({out.name}/differences.png)" if rows else ""}
 
 ## By history size (ROUGE-L; sparse users first)
 
 {sparse_table(results)}
+
+## Does a memory know its owner? (attribution, test users)
+
+{attribution_section(out, args.methods, args.seeds)}
 
 ## The paper's claims
 
@@ -341,9 +370,9 @@ is better).
 
 {ablation_tables or "(not run for this source: --ablate runs them)"}
 
-{"".join(f"![{p.stem}]({p.name})" + chr(10) for p in plots[2:] if p)}
+{"".join(f"![{p.stem}]({out.name}/{p.name})" + chr(10) for p in plots[2:] if p)}
 """
-    atomic_write_text(out / f"{args.name}.md", report)
+    atomic_write_text(report_path, report)
     print(report)
     return 0
 

@@ -21,7 +21,7 @@ METHODS = {
     "oppu": "one PEFT per user (OPPU-style)",
     "milp": "MiLP (searched memory)",
     "milp_rag": "MiLP + retrieval",
-    "milp_default": "memory, default config (unsearched)",
+    "milp_default": "memory, the experiment's config (not searched)",
     "milp_sparse": "MiLP + sparse-history repetition",
 }
 LABELS = {

@@ -43,7 +43,7 @@ TUNING_SWEEPS = {
 #: Methods that are not tuned, and why.
 NOT_TUNED = {
     "zero_shot": "no settings to tune",
-    "milp_default": "the default memory configuration, untuned on purpose (the search's reference)",
+    "milp_default": "the experiment's memory configuration (conf/experiment), not searched here",
 }
 TUNING_SPLIT = "dev"
 GRID_LOG = "grid.jsonl"

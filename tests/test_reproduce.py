@@ -67,13 +67,14 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "synthetic.md").read_text()
+    work = out / "synthetic"  # the source's runs, tuning record and plots
     for text in [
         "zero-shot",
         "retrieval-in-prompt",
         "OPPU",
         "MiLP (searched",
         "MiLP + retrieval",
-        "default config (unsearched)",
+        "memory, the experiment's config (not searched)",
         "sparse-history",
         "## Tuning (validation users, before any test run)",
         "LaMP agg.",
@@ -85,18 +86,18 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
         assert text in report, text
 
     # Tuning: the same budget for every tuned method, on dev users only, before the tests.
-    tuning = json.loads((out / "tuning.json").read_text())
+    tuning = json.loads((work / "tuning.json").read_text())
     assert {m for m, t in tuning.items() if "not_tuned" not in t} == set(TUNED)
     assert len({json.dumps(tuning[m]["budget"], sort_keys=True) for m in TUNED}) == 1
     assert all(tuning[m]["trials"] == 2 and tuning[m]["split"] == "dev" for m in TUNED)
     assert tuning["rag"]["tuner"] == "grid (2 configurations)"
     assert tuning["milp"]["tuner"] == "BO (2 trials)"
     assert tuning["milp_rag"]["space"]["retrieval.k"] == "choice(1,2)"
-    runs = records(out)
+    runs = records(work)
     assert len(runs) == 7
     test_ids = {u["user_id"] for u in runs["zero_shot"]["per_user"]}
     for method in TUNED:
-        sweep = out / "runs" / "tune" / method
+        sweep = work / "runs" / "tune" / method
         assert not list(sweep.glob("final-trial*"))
         jobs = list(sweep.glob("[0-9]*/metrics.json"))
         assert len(jobs) == 2
@@ -107,7 +108,7 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
         # The test runs use the chosen settings, and only they touch the test split.
         assert runs[method]["settings"] == tuning[method]["settings"]
         test_overrides = yaml.safe_load(
-            (out / "runs" / method / "seed0" / ".hydra" / "overrides.yaml").read_text()
+            (work / "runs" / method / "seed0" / ".hydra" / "overrides.yaml").read_text()
         )
         assert set(tuning[method]["settings"]) <= set(test_overrides)
     assert all(r["split"] == "test" for r in runs.values())
@@ -123,7 +124,7 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
     # LaMP's aggregation equals rouge_score's own on the run's predictions.
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     aggregator = scoring.BootstrapAggregator()
-    for user in sorted((out / "runs" / "milp" / "seed0" / "users").glob("*.json")):
+    for user in sorted((work / "runs" / "milp" / "seed0" / "users").glob("*.json")):
         for p in json.loads(user.read_text())["predictions"]:
             aggregator.add_scores(scorer.score(p["gold"], p["prediction"]))
     np.random.seed(0)
@@ -133,7 +134,8 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
     )
     assert f"| {mid:.4f} |" in line
     for plot in ["methods.png", "differences.png", "search_convergence.png"]:
-        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (work / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(synthetic/{plot})" in report
 
 
 def test_methods_subset_is_checked_before_anything_runs(capsys):
