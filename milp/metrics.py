@@ -61,8 +61,7 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure between two strings (longest common subsequence)."""
-    pred, ref = tokenize(prediction), tokenize(reference)
-    return _f_measure(_lcs_length(pred, ref), len(pred), len(ref))
+    return rouge_l_parts(prediction, reference)[2]
 
 
 def rouge_l_parts(prediction: str, reference: str) -> tuple[float, float, float]:

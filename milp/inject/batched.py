@@ -333,17 +333,15 @@ class BatchedInjector(Injector):
 
     @contextmanager
     def learning_rate(self, lr: float) -> Iterator[None]:
-        # The slot optimizer is built once, with optim.lr: it takes the rate too.
+        # The slot optimizer is built once, with optim.lr: it takes the rate too (only a
+        # run with memory trains, so only it has the optimizer).
         with super().learning_rate(lr):
-            optimizer = self.loop.optimizer if self.memory.enabled else None
-            saved = optimizer.lr if optimizer else None
-            if optimizer:
-                optimizer.lr = float(lr)
+            optimizer = self.loop.optimizer
+            saved, optimizer.lr = optimizer.lr, float(lr)
             try:
                 yield
             finally:
-                if optimizer:
-                    optimizer.lr = saved
+                optimizer.lr = saved
 
     def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
         if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
