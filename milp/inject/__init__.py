@@ -108,7 +108,8 @@ class Injector:
 
     @contextmanager
     def learning_rate(self, lr: float) -> Iterator[None]:
-        """Train at `lr` inside the block (the task memory's own rate), `optim.lr` after."""
+        """Runs started inside the block train at `lr` (the task memory's own rate), later
+        ones at `optim.lr` again."""
         saved, self.optim["lr"] = self.optim["lr"], float(lr)
         try:
             yield

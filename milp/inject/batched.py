@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,23 +331,12 @@ class BatchedInjector(Injector):
                 self.targets, self.slots, self.memory, device=self.loop.device
             )
 
-    @contextmanager
-    def learning_rate(self, lr: float) -> Iterator[None]:
-        # The slot optimizer is built once, with optim.lr: it takes the rate too (only a
-        # run with memory trains, so only it has the optimizer).
-        with super().learning_rate(lr):
-            optimizer = self.loop.optimizer
-            saved, optimizer.lr = optimizer.lr, float(lr)
-            try:
-                yield
-            finally:
-                optimizer.lr = saved
-
     def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
         if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
             for first in range(0, len(users), self.slots):
                 yield from self._answer([(u, None) for u in users[first : first + self.slots]])
             return
+        self.loop.optimizer.lr = self.optim["lr"]  # the run's rate (see Injector.learning_rate)
 
         def start(user: User) -> UserWeights:
             stored = self.stored_memory(user)
