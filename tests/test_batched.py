@@ -364,12 +364,15 @@ def test_batched_run_and_incremental_update_that_crashes(milp_cache, tmp_path):
     before = tree_digest(old / "adapters")
     assert len([k for k in before if k.endswith("memory.json")]) == 3
 
-    # The update: all users continue from `old`; killed as soon as one user is saved.
+    # The update: all users continue from `old`; killed as soon as one user is saved. With
+    # 2 slots the third user starts only when the first two are done; its 20 epochs keep
+    # it training for seconds after the first save, far longer than the 50 ms poll.
     new = tmp_path / "new"
     update = [
         *FAST,
         "injection=batched",
         "injection.users_per_batch=2",
+        "trainer.max_epochs=20",
         f"memory.resume_from={old}",
     ]
     process = start_milp([*update, f"hydra.run.dir={new}"], milp_cache)
