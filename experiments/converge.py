@@ -26,6 +26,8 @@ from pathlib import Path
 
 from jobs import ROOT, run, train_command
 
+from milp.files import atomic_write_text
+
 # name -> overrides of +experiment=<source>; each states the memory's start and rate, so a
 # row means the same whatever the experiment's own setting is.
 FRESH = ["memory.init=fresh", "optim.lr=1e-3"]
@@ -180,9 +182,7 @@ def main(argv=None) -> None:
         text = table(args.source, settings, rows, earlier)
         print(text, flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".md.tmp")
-    partial.write_text(text)
-    partial.replace(target)
+    atomic_write_text(target, text)
     print(f"wrote {target}")
 
 

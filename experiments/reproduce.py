@@ -8,7 +8,7 @@ Steps (each resumable: finished runs are skipped when their outputs exist):
 2. optionally the ablations around MiLP's best configuration (experiments/search/ablate.py),
 3. every method on the same test users, once per seed, with its chosen settings:
    zero-shot, retrieval-in-prompt (BM25), one PEFT per user (OPPU-style), MiLP (searched),
-   MiLP + retrieval, memory with the default (unsearched) configuration, MiLP with the
+   MiLP + retrieval, memory with the experiment's own (unsearched) configuration, MiLP with the
    sparse-history remedy,
 4. `<out>/<source>.md`, with its PNG plots, runs, logs and `tuning.json` under
    `<out>/<source>/`: the tuning record, methods x metrics (plain mean
