@@ -10,13 +10,19 @@ optimizer, steps and seeds:
              without answering the queries), on its fast path (`injection.fast`)
   batched    milp's batched path (milp.inject.batched): users_per_batch users per
              forward/backward, continuous batching, on its fast path
-  ceiling    not a training path: the frozen base model's forward + backward (input
-             gradients through every layer, as memories on every layer need) on the
-             batched path's own batches (packed, same precision and loss), without
-             memories or optimizer; the speed no batched implementation can beat on
-             this machine. The run ends with `batched/ceiling tokens-per-second`,
-             beside the most a batched path can reach by FLOP count (the memory's
-             own LoRA FLOPs are real work the ceiling does not do).
+  ceiling    not a training path: the batched path's own batch (its first mini-batch
+             of users_per_batch users, packed, same precision and loss) through the
+             frozen model plus ONE memory of the configured shape shared by every row
+             (the batched path's routed LoRA, all rows routed to one slot), forward +
+             backward with the memory's gradients, no optimizer; timed over a few steps
+             and scaled to the workload's tokens. It does the memory's work without
+             keeping users apart, so `batched/ceiling tokens-per-second` is what
+             multiplexing users (routing, per-user optimizer and clipping, data,
+             continuous batching) leaves of it.
+  frozen     not a training path either: the same batch through the frozen model alone,
+             no memory (input gradients through every layer, as memories on every layer
+             need). `batched/frozen` is printed beside the most a batched path can reach
+             by FLOP count, since the memory's own LoRA products are work it leaves out.
 
 `--overrides injection.fast=false` runs the milp paths (and the ceiling) in plain
 float32; `--dtype bfloat16` runs the base model in bf16 on every path.
@@ -38,6 +44,7 @@ script reports model FLOPs utilization against the card's peak (--peak-tflops to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -50,10 +57,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("peft", "lightning", "batched", "ceiling")
-# Not a way to train: the frozen model's own forward + input-gradient backward at the
-# batched shape, with no memory and no optimizer. Any batched implementation must do at
-# least this per token, so it bounds what batching can gain on this machine.
+PATHS = ("peft", "lightning", "batched", "ceiling", "frozen")
+# The last two are not ways to train: one step of the batched shape, timed and scaled to
+# the workload (see the docstring), which bound what batching can gain on this machine.
 TRAINING_PATHS = PATHS[:3]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
@@ -104,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--paths", default=",".join(PATHS), help="which paths, comma-separated")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak, for MFU")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds of paths (alternating order); best kept"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--overrides", nargs="*", default=[], help="extra milp.train overrides")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -286,16 +295,20 @@ def fast_path(cfg):
     return FastPath.from_config(cfg.injection.get("fast"))
 
 
-def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
-    """The frozen model's forward + input-gradient backward at the batched shape.
+def run_ceiling(args, cfg, base, users, dm, out: Path, shared_memory: bool) -> tuple[int, float]:
+    """One training step of the batched shape, without per-user anything; timed.
 
     The batched path's own batch (users_per_batch users' first mini-batch, packed one row
-    per user when `injection.fast.pack`), loss and precision (`injection.fast`), without
-    memory or optimizer. Times a few steps; returns (users in that batch, seconds per
-    training token).
+    per user when `injection.fast.pack`), loss and precision (`injection.fast`), no
+    optimizer. With `shared_memory` (the `ceiling` row) the frozen model carries one
+    memory of the configured shape on its targets, every row routed to it, and backward
+    computes its gradients; without (the `frozen` row) there is no memory and backward
+    carries input gradients through every layer. Returns (users in that batch, seconds
+    per training token).
     """
     import torch
 
+    from milp.inject.bank import MemoryBank, fresh_weights, memory_targets
     from milp.inject.fast import fast_autocast, fast_training
     from milp.inject.loss import pack_rows, pad_batch, target_loss
 
@@ -311,9 +324,18 @@ def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
         row_slots = batch.pop("groups").cpu()
     batch = {k: v.to(args.device) for k, v in batch.items()}
     row_slots = row_slots.to(args.device)
-    # A trainable embedding makes autograd carry input gradients through every layer
-    # (as memories on every layer do); its own gradient is a cheap scatter.
-    base.model.get_input_embeddings().weight.requires_grad_(True)
+    if shared_memory:
+        memory = instantiate_memory(cfg)
+        targets = memory_targets(base.model, memory)
+        bank = MemoryBank(targets, 1, memory, device=args.device)
+        bank.load_user(0, fresh_weights(targets, memory))
+        bank.attach(base.model)
+        routing = bank.routing([0] * row_slots.shape[0])
+    else:
+        # A trainable embedding makes autograd carry input gradients through every layer
+        # (as memories on every layer do); its own gradient is a cheap scatter.
+        base.model.get_input_embeddings().weight.requires_grad_(True)
+        routing = contextlib.nullcontext()
     device_type = torch.device(args.device).type
     if args.dtype == "bfloat16":
         autocast = torch.autocast(device_type, dtype=torch.bfloat16)
@@ -324,9 +346,10 @@ def run_ceiling(args, cfg, base, users, dm, out: Path) -> tuple[int, float]:
         with autocast:
             losses, _ = target_loss(base.model, batch).per_group(row_slots, slots)
         losses.sum().backward()
-        base.model.get_input_embeddings().weight.grad = None
+        for parameter in (*base.model.parameters(), *(bank.parameters() if shared_memory else ())):
+            parameter.grad = None
 
-    with fast_training(base.model, fast, args.device, 0):
+    with fast_training(base.model, fast, args.device, 0), routing:
         step()  # warm-up
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -410,8 +433,9 @@ def worker(args) -> None:
     seconds = per_token = None
     with PeakMemory(args.device) as memory:
         started = time.perf_counter()
-        if run is None:  # the ceiling: the driver scales its speed to the workload's tokens
-            concurrent, per_token = run_ceiling(args, cfg, base, users, dm, args.out)
+        if run is None:  # ceiling, frozen: the driver scales their speed to the workload
+            shared = args.worker == "ceiling"
+            concurrent, per_token = run_ceiling(args, cfg, base, users, dm, args.out, shared)
         else:
             concurrent = run(args, cfg, base, users, dm, args.out)
             if args.device.startswith("cuda"):
@@ -488,8 +512,8 @@ def workload(args):
         "embedding_params": embed,
         "lora_params_per_user": lora,
         "flops": tokens * flops_per_token,
-        # The ceiling leaves the memory's own 6N out: no batched path can beat this share.
-        "ceiling_flop_bound": (flops_per_token - 6 * lora) / flops_per_token,
+        # The frozen row leaves the memory's own 6N out: no batched path beats this share.
+        "frozen_flop_bound": (flops_per_token - 6 * lora) / flops_per_token,
     }
 
 
@@ -551,18 +575,24 @@ def main(argv=None) -> None:
     results, dirs = {}, {}
     scratch = Path(tempfile.mkdtemp(prefix="bench-injection-"))
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for path in paths:
-        dirs[path] = scratch / path
-        command = [sys.executable, __file__, *forwarded, "--worker", path, "--out", str(dirs[path])]
-        env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            raise SystemExit(f"{path} failed:\n{done.stderr[-3000:]}")
-        results[path] = json.loads(lines[-1][len("RESULT ") :])
-        if results[path]["seconds"] is None:  # the ceiling: its speed over the whole workload
-            results[path]["seconds"] = results[path]["seconds_per_token"] * work["tokens"]
-        print(f"  {path}: {results[path]['seconds']:.1f} s", flush=True)
+    # The machine's speed drifts between runs: with --repeat, rounds in alternating order,
+    # each path's fastest run kept.
+    for round_ in range(max(1, args.repeat)):
+        for path in paths if round_ % 2 == 0 else paths[::-1]:
+            out = scratch / f"{path}-{round_}"
+            command = [sys.executable, __file__, *forwarded, "--worker", path, "--out", str(out)]
+            env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                raise SystemExit(f"{path} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(lines[-1][len("RESULT ") :])
+            if result["seconds"] is None:  # ceiling, frozen: speed over the whole workload
+                result["seconds"] = result["seconds_per_token"] * work["tokens"]
+            print(f"  {path}: {result['seconds']:.1f} s", flush=True)
+            if path not in results or result["seconds"] < results[path]["seconds"]:
+                results[path], dirs[path] = result, out
+    results = {path: results[path] for path in paths}
     load_after = os.getloadavg()
 
     cfg = compose_config(args)
@@ -576,7 +606,7 @@ def main(argv=None) -> None:
     )
     print("\n" + header + "\n" + "-" * len(header))
     for path, r in results.items():
-        if path == "ceiling":  # extrapolated from a few steps; no memory to measure
+        if path not in TRAINING_PATHS:  # extrapolated from a few steps; no memory to measure
             r["peak_bytes"] = r["baseline_bytes"]
         extra = (r["peak_bytes"] - r["baseline_bytes"]) / 2**20
         r["users_per_minute"] = work["users"] / r["seconds"] * 60
@@ -591,7 +621,8 @@ def main(argv=None) -> None:
         )
     print(
         f"\ndevice: {device_name}, torch threads per process: "
-        f"{next(iter(results.values()))['threads']}; load average before "
+        f"{next(iter(results.values()))['threads']}; best of {max(1, args.repeat)} run(s) per "
+        "path; load average before "
         f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)"
     )
     for name, per_user in diffs.items():
@@ -624,18 +655,21 @@ def main(argv=None) -> None:
     if "ceiling" in results and "peft" in results:
         bound = results["ceiling"]["users_per_minute"] / results["peft"]["users_per_minute"]
         print(
-            f"ceiling/sequential-peft users-per-minute: {bound:.2f}x (the frozen model's own "
-            "forward+backward at the batched shape, no memory: an upper bound for batching here)"
+            f"ceiling/sequential-peft users-per-minute: {bound:.2f}x (the memory's work at the "
+            "batched shape without keeping users apart: an upper bound for batching here)"
         )
     for other, speed in ratios:
         print(f"batched/sequential-{other} users-per-minute: {speed:.2f}x")
+    if "frozen" in results and "batched" in results:
+        share = results["batched"]["tokens_per_second"] / results["frozen"]["tokens_per_second"]
+        print(
+            f"batched/frozen tokens-per-second: {share:.2f}x; bound by FLOPs "
+            f"{work['frozen_flop_bound']:.2f}x (the memory's own LoRA forward and backward, "
+            "which the frozen row leaves out, at zero overhead)"
+        )
     if "ceiling" in results and "batched" in results:
         share = results["batched"]["tokens_per_second"] / results["ceiling"]["tokens_per_second"]
         print(f"batched/ceiling tokens-per-second: {share:.2f}x")
-        print(
-            f"batched/ceiling bound by FLOPs: {work['ceiling_flop_bound']:.2f}x (the memory's own "
-            "LoRA forward and backward, which the ceiling leaves out, at zero overhead)"
-        )
 
 
 if __name__ == "__main__":

@@ -312,6 +312,28 @@ def test_sparse_history_is_repeated_up_to_min_examples_per_epoch(tmp_path):
         UserDataModule(users, min_examples_per_epoch=-1)
 
 
+def test_a_users_pairs_are_tokenized_once_across_epochs(tmp_path):
+    write_lamp(tmp_path, LAMP4_QUESTIONS, LAMP4_GOLDS)
+    rich = load_lamp_split("LaMP_4", tmp_path, "dev")[0]  # 2 history items
+    calls = []
+
+    class CountingTokenizer(CharTokenizer):
+        def encode(self, text, add_special_tokens=False):
+            calls.append(text)
+            return super().encode(text, add_special_tokens)
+
+    datamodule = UserDataModule([rich], batch_size=1)
+    datamodule.attach_tokenizer(CountingTokenizer())
+    loader = datamodule.select(rich).train_dataloader()
+    epochs = [[b["input_ids"][0].tolist() for b in loader] for _ in range(3)]
+    during_training, calls[:] = len(calls), []
+    expected = sorted(
+        datamodule.format.encode_pair(CountingTokenizer(), p)[0] for p in rich.history
+    )
+    assert during_training == len(calls) > 0  # 3 epochs cost what one encoding costs
+    assert all(sorted(epoch) == expected for epoch in epochs)
+
+
 def test_user_slug_is_safe_and_unique():
     assert user_slug("u-1") == "u-1"
     assert user_slug("a/b") != user_slug("a_b")

@@ -109,13 +109,20 @@ class TrainCollator:
 
     def __init__(self, tokenizer, prompt_format: PromptFormat) -> None:
         self.tokenizer, self.format = tokenizer, prompt_format
+        # A user's loader draws every pair once per epoch: each is tokenized once.
+        self._encoded: dict[HistoryPair, tuple[list[int], list[int]]] = {}
 
     def __call__(self, pairs: list[HistoryPair]) -> dict[str, torch.Tensor]:
-        encoded = [self.format.encode_pair(self.tokenizer, p) for p in pairs]
+        encoded = [self._encode(p) for p in pairs]
         input_ids = pad_right([ids for ids, _ in encoded], self.tokenizer.pad_token_id)
         labels = pad_right([labels for _, labels in encoded], IGNORE_INDEX)
         attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _encode(self, pair: HistoryPair) -> tuple[list[int], list[int]]:
+        if pair not in self._encoded:
+            self._encoded[pair] = self.format.encode_pair(self.tokenizer, pair)
+        return self._encoded[pair]
 
 
 class QueryCollator:
