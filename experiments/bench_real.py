@@ -571,6 +571,12 @@ def main(argv=None) -> None:
             f"final loss fast vs plain-peft: {gap:.2%} relative, {verdict} the tolerance "
             f"{args.loss_tolerance:.0%}"
         )
+        # No fast path can beat its required FLOPs at the machine's measured peak.
+        bound = plain["seconds"] * peak[mfu_dtype] * 1e9 / work["flops"]
+        print(
+            f"fast/plain-peft bound at 100% MFU: {bound:.2f}x (the required FLOPs at the "
+            f"measured {mfu_dtype} peak)"
+        )
         ratio = fast["tokens_per_second"] / plain["tokens_per_second"]
         print(f"fast/plain-peft tokens-per-second: {ratio:.2f}x")
 
