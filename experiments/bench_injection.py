@@ -24,10 +24,11 @@ optimizer, steps and seeds:
              need). `batched/frozen` is printed beside the most a batched path can reach
              by FLOP count, since the memory's own LoRA products are work it leaves out.
 
-`--overrides injection.fast=false` runs the milp paths (and the ceiling) in plain
+`--overrides injection.fast=false` runs the milp paths (and ceiling, frozen) in plain
 float32; `--dtype bfloat16` runs the base model in bf16 on every path.
 
-Each path runs in its own fresh process (so peak memory is its own); the clock covers
+Each path runs in its own fresh process (so peak memory is its own; `--repeat N`: N
+rounds in alternating order, each path's fastest run kept); the clock covers
 users -> saved adapters, not process start-up or model loading. All three consume the
 same mini-batches, so they process the same training tokens and should end with the
 same adapters: the script checks that too. Answering queries is not timed here; see
