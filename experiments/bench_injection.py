@@ -347,8 +347,9 @@ def run_ceiling(args, cfg, base, users, dm, out: Path, shared_memory: bool) -> t
         with autocast:
             losses, _ = target_loss(base.model, batch).per_group(row_slots, slots)
         losses.sum().backward()
-        for parameter in (*base.model.parameters(), *(bank.parameters() if shared_memory else ())):
-            parameter.grad = None
+        base.model.zero_grad(set_to_none=True)
+        if shared_memory:
+            bank.zero_grad(set_to_none=True)
 
     with fast_training(base.model, fast, args.device, 0), routing:
         step()  # warm-up
