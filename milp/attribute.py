@@ -149,6 +149,12 @@ def pooled_history(users: Sequence[User], items: int) -> list[HistoryPair]:
     return pooled
 
 
+def task_items(plan: AttributionPlan, users: Sequence[User]) -> int:
+    """How many pooled items the task memory trains on: `plan.task_items`, or by default
+    `users`' mean history length, the budget one user's memory gets."""
+    return plan.task_items or max(1, round(np.mean([len(u.history) for u in users])))
+
+
 def train_task_memory(
     plan: AttributionPlan,
     injector: Any,
@@ -164,7 +170,7 @@ def train_task_memory(
     rate is reused. Default size: `test_users`' mean history length, the budget one
     user's memory gets. It starts from fresh modules (never from the injector's
     `start_memory`, which may be this very memory)."""
-    items = plan.task_items or max(1, round(np.mean([len(u.history) for u in test_users])))
+    items = task_items(plan, test_users)
     history = pooled_history(plan.task_users, items)
     lr = injector.optim["lr"] if plan.task_lr is None else plan.task_lr
     info = {"train_users": [u.user_id for u in plan.task_users], "items": len(history), "lr": lr}

@@ -28,8 +28,11 @@ from milp.attribute import (
     format_attribution,
     plan_attribution,
     plan_from_train_config,
+    pooled_history,
+    task_items,
     train_task_memory,
 )
+from milp.data.controls import check_history_of, pooled_histories, swapped_histories
 from milp.data.datamodule import UserDataModule
 from milp.errors import MilpError, exit_with
 from milp.inject import Injector, TrainedUser
@@ -121,6 +124,30 @@ def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryC
         raise MilpError(f"memory.init=task: {err}") from None
 
 
+def assign_histories(cfg: DictConfig, datamodule: UserDataModule, history_of: str) -> None:
+    """Give every user the history a control run trains their memory on
+    (`milp/data/controls.py`); `own` leaves the users as they are."""
+    if history_of == "swapped":
+        datamodule.users = swapped_histories(datamodule.users)
+    elif history_of == "pooled_train":
+        settings = cfg.get("attribution") or {}
+        try:
+            pool = plan_attribution(
+                cfg,
+                datamodule.users,
+                task_memory=True,
+                task_items=settings.get("task_items"),
+                batch_size=None,
+            )
+        except MilpError as err:
+            raise MilpError(f"history_of=pooled_train: {err}") from None
+        # After the items the task memory trains on, so the control sees new task data.
+        skip = task_items(pool, datamodule.users)
+        need = max(len(u.history) for u in datamodule.users)
+        items = pooled_history(pool.task_users, skip + need)
+        datamodule.users = pooled_histories(datamodule.users, items, skip)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Run memory injection over all users of the split; return the objective."""
     output_dir = HydraConfig.get().runtime.output_dir
@@ -129,7 +156,11 @@ def run(cfg: DictConfig) -> float | None:
     # Everything is built and validated before the first user trains.
     FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
     memory: MemoryConfig = build(cfg.memory)
+    history_of = check_history_of(cfg.get("history_of", "own"))
+    if history_of != "own" and not memory.enabled:
+        raise MilpError(f"history_of={history_of}: a control of the memory needs a memory")
     datamodule: UserDataModule = build(cfg.data)
+    assign_histories(cfg, datamodule, history_of)
     base: BaseModel = build(cfg.model)
     datamodule.attach_tokenizer(base.tokenizer)
     placement = place_memory(memory, base.model) if memory.enabled else None
@@ -144,6 +175,11 @@ def run(cfg: DictConfig) -> float | None:
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
     attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
+    if attribution is not None and history_of != "own":
+        raise MilpError(
+            f"history_of={history_of}: attribution needs every user's own memory "
+            "(set attribution.enabled=false)"
+        )
     task_start = plan_task_start(cfg, datamodule, memory)
 
     fingerprint_cfg = {

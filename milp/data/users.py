@@ -41,6 +41,18 @@ class User:
     history: list[HistoryPair]
     queries: list[Query]
     profile_texts: list[str] = field(default_factory=list)
+    # Whose history `history` is, where it is not this user's own (a control run,
+    # `milp/data/controls.py`); the memory is then seeded as that user's.
+    history_owner: str | None = None
+
+    @property
+    def seed_id(self) -> str:
+        """The id the user's memory is seeded by: the history's owner.
+
+        A user given another user's history (the swapped control) trains with exactly
+        that user's seed, data and order, so their memory is the other user's memory.
+        """
+        return self.history_owner or self.user_id
 
     @property
     def slug(self) -> str:

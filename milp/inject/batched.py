@@ -255,7 +255,7 @@ class SlotTrainer:
 
     def _enter(self, user, slot, datamodule, start, seed) -> _Slot:
         started = time.perf_counter()
-        seed_user(seed, user.user_id)
+        seed_user(seed, user.seed_id)
         self.bank.load_user(slot, start(user))
         self.optimizer.reset_slot(slot)
         # Created right after the seed, as in the user's own Trainer.fit: same shuffling.

@@ -34,7 +34,7 @@ class SequentialInjector(Injector):
 
     def inject(self, user: User) -> TrainedUser:
         """Train one user's memory, answer the user's queries, hand the base model back."""
-        seed_user(self.seed, user.user_id)
+        seed_user(self.seed, user.seed_id)
         started = time.perf_counter()
         enabled = self.memory.enabled
         model = self.base.model

@@ -1,0 +1,103 @@
+"""The memory's controls (`history_of`, milp/data/controls.py): real runs of the tiny model.
+
+`swapped` answers each user with another user's memory: the very memory that user gets
+in a normal run. `pooled_train` trains each user's memory on the train split's pooled
+items, after the task memory's own, for the same steps as the user's own history.
+"""
+
+import json
+
+import pytest
+from conftest import run_milp
+from safetensors.torch import load_file
+from test_attribute import TEST_WORDS, attribution_run, lamp4_files
+
+from milp.data.controls import derangement, pooled_histories, swapped_histories
+from milp.data.users import HistoryPair, Query, User
+from milp.errors import MilpError
+
+
+def control_run(data, out, *overrides: str) -> list[str]:
+    """A tiny run's overrides (as test_attribute's) with attribution off."""
+    args = attribution_run(data, out, *overrides)
+    return [a for a in args if a != "attribution.enabled=true"] + ["attribution.enabled=false"]
+
+
+def weights(run, user: str) -> dict:
+    return load_file(run / "adapters" / user / "memory_0" / "adapter_model.safetensors")
+
+
+def test_derangement_gives_nobody_their_own_history():
+    users = [User(u, [HistoryPair(f"p-{u}", f"t-{u}")], [Query(f"q-{u}", "?")]) for u in "cab"]
+    assert derangement(["c", "a", "b"]) == {"a": "b", "b": "c", "c": "a"}
+    swapped = {u.user_id: u for u in swapped_histories(users)}
+    assert swapped["a"].history == [HistoryPair("p-b", "t-b")]
+    assert swapped["a"].history_owner == "b" and swapped["a"].seed_id == "b"
+    assert swapped["a"].queries == [Query("q-a", "?")]  # still answering its own queries
+    with pytest.raises(MilpError, match="at least 2 users"):
+        derangement(["a"])
+
+
+def test_pooled_histories_skip_the_task_memorys_items_and_match_each_size():
+    pool = [HistoryPair(f"p{i}", f"t{i}") for i in range(10)]
+    users = [User("a", pool[:3], []), User("b", pool[:5], [])]
+    pooled = pooled_histories(users, pool, skip=4)
+    assert [p.target for p in pooled[0].history] == ["t4", "t5", "t6"]
+    assert [p.target for p in pooled[1].history] == ["t4", "t5", "t6", "t7", "t8"]
+    assert pooled[0].seed_id == "a"
+    with pytest.raises(MilpError, match="hold 6 items after the task memory's 4, a user needs 7"):
+        pooled_histories([User("c", pool[:7], [])], pool, skip=4)
+
+
+@pytest.mark.parametrize("injection", ["sequential", "batched"])
+def test_swapped_users_are_answered_with_another_users_own_memory(milp_cache, tmp_path, injection):
+    data = lamp4_files(tmp_path)
+    common = [f"injection={injection}", "trainer.max_epochs=2"]
+    own, swapped = tmp_path / "own", tmp_path / "swapped"
+    run_milp(control_run(data, own, *common), milp_cache)
+    run_milp(control_run(data, swapped, *common, "history_of=swapped"), milp_cache)
+    partner = derangement(list(TEST_WORDS))
+    for user, other in partner.items():
+        mine, theirs = weights(swapped, user), weights(own, other)
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert (mine[key] - theirs[key]).abs().max() < 1e-6, (user, other, key)
+    # Each user still answers (and is scored on) their own queries.
+    golds = {
+        json.loads(line)["user_id"]: json.loads(line)["gold"]
+        for line in (swapped / "predictions.jsonl").read_text().splitlines()
+    }
+    assert golds == {u: f"{w} {w} {w} {w}" for u, w in TEST_WORDS.items()}
+
+
+def test_pooled_train_is_the_task_memory_continued_on_task_data(milp_cache, tmp_path):
+    data = lamp4_files(tmp_path)
+    out = tmp_path / "pooled"
+    overrides = [
+        "memory.init=task",
+        "trainer.max_epochs=1",
+        "history_of=pooled_train",
+    ]
+    run_milp(control_run(data, out, *overrides), milp_cache)
+    task = load_file(out / "task_memory" / "memory_0" / "adapter_model.safetensors")
+    memories = [weights(out, user) for user in TEST_WORDS]
+    for memory in memories:  # trained on from the task memory
+        assert any((memory[k] != v).any() for k, v in task.items())
+    for user in TEST_WORDS:  # the same number of items (and steps) as the user's own
+        record = json.loads((out / "users" / f"{user}.json").read_text())
+        assert record["history_size"] == 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["history_of=mine"], "history_of must be one of own, swapped, pooled_train"),
+        (["history_of=swapped", "memory=none"], "a control of the memory needs a memory"),
+        (["history_of=swapped", "attribution.enabled=true"], "needs every user's own memory"),
+    ],
+)
+def test_bad_control_settings_stop_before_training(milp_cache, tmp_path, overrides, message):
+    data = lamp4_files(tmp_path)
+    args = [*control_run(data, tmp_path / "bad"), *overrides]  # the later setting wins
+    result = run_milp(args, milp_cache, check=False)
+    assert result.returncode == 2 and message in result.stderr
