@@ -6,18 +6,30 @@ memory are reported beside them). NLLs within `TIE_TOLERANCE` nats are ties, bro
 random in expectation: an owner tied with k-1 others for the lowest NLL gets credit 1/k,
 and its rank is the mean of the tied ranks, so N identical memories give top-1 accuracy
 exactly 1/N and mean rank exactly (N+1)/2.
+
+Whether the per-user top-1 beats chance by more than luck is a permutation test
+(`owner_permutation_p`): under H0 the owner labels carry no information, so every
+assignment of the N memories to the N users is as likely as the true one.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import asdict
+from itertools import permutations as all_permutations
 from typing import Any
 
 import numpy as np
 
+from milp.errors import MilpError
+from milp.stats import PermutationP
+
 TIE_TOLERANCE = 1e-6  # nats: NLLs this close count as a tie
 TASK_MEMORY, NO_MEMORY = "task memory", "no memory"
+#: Owner permutation p-values enumerate all N! assignments up to this many users (8! = 40,320).
+EXACT_PERMUTATION_USERS = 8
+_CHUNK_CELLS = 1 << 22  # permutations x users scored at once: memory stays ~32 MB
 
 
 def owner_credit(scores: Sequence[float], owner: int) -> tuple[float, float]:
@@ -32,11 +44,74 @@ def owner_credit(scores: Sequence[float], owner: int) -> tuple[float, float]:
     return float(credit), 1.0 + better + tied / 2
 
 
+def credit_matrix(user_nll: np.ndarray) -> np.ndarray:
+    """[user, memory] -> the top-1 credit memory m would get were it user u's owner: 1/k
+    for each of the k memories tied (`TIE_TOLERANCE`) for u's lowest NLL, else 0 (as
+    `owner_credit`)."""
+    lowest = user_nll <= user_nll.min(axis=1, keepdims=True) + TIE_TOLERANCE
+    return lowest / lowest.sum(axis=1, keepdims=True)
+
+
+def owner_permutation_p(
+    user_nll: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    permutations: int = 10_000,
+    seed: int = 0,
+    exact_users: int = EXACT_PERMUTATION_USERS,
+) -> PermutationP:
+    """One-sided (greater) permutation p-value of the per-user owner top-1.
+
+    `user_nll` is [user, memory]: row u the mean NLL of user u's queries, column m user
+    m's memory (same order, so the owner sits on the diagonal). The observed top-1 (mean
+    tie-shared credit of each user's own memory) is set against random owner labels: a
+    uniformly random permutation says whose memory is whose. p is the share of assignments
+    whose top-1 reaches the observed one (within 1e-9): all N! of them when N <=
+    `exact_users`, else `permutations` drawn from ``numpy.random.default_rng(seed)`` with
+    p = (b+1)/(m+1).
+    """
+    matrix = np.asarray(user_nll, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
+        raise MilpError(
+            f"owner_permutation_p: needs a square users x memories NLL matrix of at least "
+            f"2 users, got shape {matrix.shape}"
+        )
+    if not np.isfinite(matrix).all():
+        raise MilpError("owner_permutation_p: the NLL matrix holds a NaN or inf")
+    if permutations < 1:
+        raise MilpError("owner_permutation_p: permutations must be >= 1")
+    credit = credit_matrix(matrix)
+    n = len(credit)
+    rows = np.arange(n)
+    observed = float(credit[rows, rows].mean())
+    bar = observed - 1e-9
+
+    def reached(assignments: np.ndarray) -> int:
+        return int((credit[rows, assignments].mean(axis=1) >= bar).sum())
+
+    if n <= exact_users:
+        every = np.array(list(all_permutations(range(n))))
+        return PermutationP(observed, reached(every) / len(every), len(every), True, None)
+    rng = np.random.default_rng(seed)
+    b = 0
+    chunk = max(1, _CHUNK_CELLS // n)
+    for start in range(0, permutations, chunk):
+        count = min(chunk, permutations - start)
+        b += reached(rng.permuted(np.tile(rows, (count, 1)), axis=1))
+    return PermutationP(observed, (b + 1) / (permutations + 1), permutations, False, seed)
+
+
 def summarize_attribution(
-    users: Sequence[str], queries: Sequence[tuple[str, str]], scores: dict[str, list[float]]
+    users: Sequence[str],
+    queries: Sequence[tuple[str, str]],
+    scores: dict[str, list[float]],
+    *,
+    permutations: int = 10_000,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Owner accuracy, ranks and the NLL matrices from per-query scores; `scores` holds one
-    row per user in `users` (keyed by user id) and optionally TASK_MEMORY / NO_MEMORY."""
+    """Owner accuracy, ranks, the NLL matrices and the per-user top-1's permutation p-value
+    (`owner_permutation_p` with `permutations` and `seed`) from per-query scores; `scores`
+    holds one row per user in `users` (keyed by user id) and optionally TASK_MEMORY /
+    NO_MEMORY."""
     n = len(users)
     owner_of = [users.index(user_id) for user_id, _ in queries]
     rows = list(users) + [k for k in (TASK_MEMORY, NO_MEMORY) if k in scores]
@@ -71,6 +146,10 @@ def summarize_attribution(
             "top1": float(np.mean([c for c, _ in per_query])),
             "mean_owner_rank": float(np.mean([r for _, r in per_query])),
         },
+        # Whether top-1 above chance is more than luck, against shuffled owner labels.
+        "per_user_top1_permutation": asdict(
+            owner_permutation_p(user_nll[:n].T, permutations=permutations, seed=seed)
+        ),
         "own_beats_no_memory": beats(NO_MEMORY),
         "own_beats_task_memory": beats(TASK_MEMORY),
         "mean_nll": mean_nll,
@@ -147,6 +226,13 @@ def format_attribution(result: dict[str, Any]) -> str:
         f"  mean owner rank: {u['mean_owner_rank']:.2f} per user, "
         f"{q['mean_owner_rank']:.2f} per query (chance {result['chance_mean_rank']:.2f})",
     ]
+    test = result.get("per_user_top1_permutation")
+    if test:  # a stored summary may lack it
+        how = "exact" if test["exact"] else f"{test['permutations']:,} random"
+        lines.append(
+            f"  per-user top-1 above chance: permutation p {test['p']:.4g} "
+            f"({how} owner assignments)"
+        )
     for key, name in (("own_beats_no_memory", NO_MEMORY), ("own_beats_task_memory", TASK_MEMORY)):
         if result.get(key):
             lines.append(f"  own memory beats {name}: {result[key]['users']}/{result[key]['of']}")

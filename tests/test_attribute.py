@@ -5,6 +5,7 @@ model on LaMP-4 files whose users write distinct strings, the automatic step of
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
 from hydra import compose, initialize_config_dir
@@ -12,7 +13,13 @@ from omegaconf import OmegaConf
 
 from milp.attribute import plan_attribution
 from milp.attribute import run as attribute_command
-from milp.attribution_stats import NO_MEMORY, TASK_MEMORY, summarize_attribution
+from milp.attribution_stats import (
+    NO_MEMORY,
+    TASK_MEMORY,
+    format_attribution,
+    owner_permutation_p,
+    summarize_attribution,
+)
 from milp.data.history import load_history_users
 from milp.errors import MilpError
 
@@ -163,6 +170,49 @@ def test_ties_share_the_credit():
     assert result["per_user"]["top1"] == 1.0
     assert result["own_beats_task_memory"] == {"users": 0, "of": 4, "fraction": 0.0}
     assert result["own_beats_no_memory"] == {"users": 4, "of": 4, "fraction": 1.0}
+
+
+def test_owner_permutation_p_by_hand():
+    # Perfect diagonal, 3 users: of the 3! owner assignments only the true one reaches
+    # top-1 1.0.
+    diagonal = 1.0 - np.eye(3)
+    exact = owner_permutation_p(diagonal)
+    assert (exact.observed, exact.p, exact.permutations, exact.exact) == (1.0, 1 / 6, 6, True)
+    # Forced onto random assignments: near 1/6, seeded, and (b+1)/(m+1).
+    drawn = owner_permutation_p(diagonal, permutations=20_000, seed=1, exact_users=0)
+    assert not drawn.exact and drawn.p == pytest.approx(1 / 6, abs=0.01)
+    assert drawn == owner_permutation_p(diagonal, permutations=20_000, seed=1, exact_users=0)
+    # 12 users: 1 of 12! assignments reaches 1.0, none of 999 draws does -> p = 1/1000.
+    assert owner_permutation_p(1.0 - np.eye(12), permutations=999).p == 1 / 1000
+    # Identical memories: every user's credit is 1/N under any labels -> p = 1.
+    assert owner_permutation_p(np.full((4, 4), 2.5)).p == 1.0
+    # Users 0 and 1 tie (within 1e-6) on memories 0 and 1, 2 and 3 own theirs: top-1
+    # (0.5 + 0.5 + 1 + 1) / 4 = 0.75, reached only when 2 and 3 keep their memories and
+    # 0, 1 get memories 0, 1 in either order: 2 of 24 assignments.
+    tied = np.array([[0, 1e-7, 1, 1], [0, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]], float)
+    result = owner_permutation_p(tied)
+    assert (result.observed, result.p) == (0.75, 2 / 24)
+    with pytest.raises(MilpError, match=r"square users x memories NLL matrix.*\(2, 3\)"):
+        owner_permutation_p(np.zeros((2, 3)))
+
+
+def test_the_summary_carries_the_owner_permutation_p():
+    users = ["a", "b", "c", "d"]
+    queries = [(u, f"{u}{i}") for u in users for i in range(2)]
+    scores = {m: [1.0 - (m == u) for u, _ in queries] for m in users}
+    scores[NO_MEMORY] = [3.0] * len(queries)  # reported, never permuted among the owners
+    summary = summarize_attribution(users, queries, scores)
+    test = summary["per_user_top1_permutation"]
+    assert test == {"observed": 1.0, "p": 1 / 24, "permutations": 24, "exact": True, "seed": None}
+    assert test["observed"] == summary["per_user"]["top1"]
+    assert json.loads(json.dumps(summary))["per_user_top1_permutation"] == test
+    printed = format_attribution(summary)
+    assert "per-user top-1 above chance: permutation p 0.04167 (exact owner assignments)" in (
+        printed
+    )
+    # A summary stored without the test still prints.
+    del summary["per_user_top1_permutation"]
+    assert "permutation" not in format_attribution(summary)
 
 
 def test_bad_attribution_settings_are_one_line_errors(tmp_path):
