@@ -183,6 +183,25 @@ def test_yaml_params_random_search_is_reproducible(tmp_path):
         assert job_cfg["optim"]["lr"] == 0.005
 
 
+def test_a_repeated_configuration_reuses_the_logged_result(tmp_path):
+    """Six trials over a two-point space: each point trains once; repeats take its result."""
+    sweep = tmp_path / "repeat"
+    run_toy(sweep, "x=0.3", "memory.rank=2,4", RANDOM, "hydra.sweeper.optim.budget=6")
+    trials = read_trials(sweep)
+    assert len(trials) == 6
+    first = {}
+    for trial in trials:
+        key = trial["params"]["memory.rank"]
+        if key not in first:
+            first[key] = trial
+            assert "reused_from" not in trial
+        else:
+            assert trial["reused_from"] == first[key]["trial"]
+            assert trial["objective"] == first[key]["objective"]
+            assert trial["duration_s"] == 0.0
+    assert job_dirs(sweep) == sorted(t["trial"] for t in first.values())
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [

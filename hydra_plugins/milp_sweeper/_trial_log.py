@@ -221,6 +221,29 @@ def job_record(trial: Trial, result: JobReturn) -> dict[str, Any]:
     }
 
 
+def reused_record(records: Mapping[int, Mapping[str, Any]], trial: Trial) -> dict | None:
+    """The log record of a trial whose configuration an earlier trial already evaluated:
+    that trial's result under the new number (training is seeded, so a re-run would give
+    the same numbers), or None. Failed trials are not reused: a failure may be transient."""
+    earlier = next(
+        (
+            r
+            for _, r in sorted(records.items())
+            if r.get("status") == "ok" and r.get("params") == trial.params
+        ),
+        None,
+    )
+    if earlier is None:
+        return None
+    return dict(earlier) | {
+        "trial": trial.num,
+        "overrides": trial.overrides,
+        "duration_s": 0.0,
+        "reused_from": earlier["trial"],
+        "finished_at": now_utc(),
+    }
+
+
 def best_record(
     records: Mapping[int, Mapping[str, Any]], maximize: bool
 ) -> Mapping[str, Any] | None:

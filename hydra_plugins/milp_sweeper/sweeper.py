@@ -57,6 +57,7 @@ from hydra_plugins.milp_sweeper._trial_log import (
     read_json,
     read_trial_log,
     results_summary,
+    reused_record,
     write_atomic,
     write_summary,
 )
@@ -214,7 +215,8 @@ class MilpNevergradSweeper(Sweeper):
             batch = [self._ask(optimizer, n) for n in range(num, min(num + num_workers, end))]
             if replay:
                 check_replay(self.records, batch)
-            self._launch([t for t in batch if t.num not in self.records], batch_first=num)
+            todo = [t for t in batch if t.num not in self.records and not self._reuse(t)]
+            self._launch(todo, batch_first=num)
             for trial in batch:
                 self._tell(optimizer, trial.candidate, self.records[trial.num])
             num += len(batch)
@@ -274,6 +276,15 @@ class MilpNevergradSweeper(Sweeper):
             )
             for trial, result in zip(group, results, strict=True):
                 self._record(trial, result)
+
+    def _reuse(self, trial: Trial) -> bool:
+        """Log a repeated configuration with its earlier result; returns whether it did."""
+        record = reused_record(self.records, trial)
+        if record is not None:
+            append_jsonl(self.trial_log_path, record)
+            self.records[trial.num] = record
+            log.info("Trial %d: as trial %d, result reused", trial.num, record["reused_from"])
+        return record is not None
 
     def _record(self, trial: Trial, result: JobReturn) -> None:
         """Append the trial's record to the log (durably) and report it."""
