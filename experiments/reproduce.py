@@ -33,7 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import ROOT, run, train_command
+from evaluation import evaluate_methods, run_overrides, seeds_for, test_user_ids
+from jobs import ROOT, run
+from plan import freeze
+from plan import summary as plan_summary
 from results_plots import ablations_plot, differences_plot, methods_plot, tuning_plot
 from results_tables import (
     METHODS,
@@ -45,13 +48,11 @@ from results_tables import (
     tuning_table,
 )
 from tuning import Budget, tune_all
+from verdict import attribution_lines, claim_rows, counts, decomposition, verdict_table
 
 from milp.attribution_stats import format_attribution
 from milp.files import atomic_write_bytes, atomic_write_text
-from milp.metrics import rouge_1, rouge_l
 
-# The run's +method=... for each row (milp_default: MiLP's memory, not the search's).
-METHOD_CONFIG = {"milp_default": "milp"}
 #: Compared per user; metrics a run does not report are skipped (e.g. likelihoods).
 COMPARED = ("rouge1", "rougeL", "nll")
 SHOWN = ("rouge1", "rougeL", "persona_f1", "nll")
@@ -68,13 +69,28 @@ class Source:
     dev_users: int | None  # validation users per trial (None: all)
     ablations: bool
     space: tuple[str, ...] = ()  # extra sweep overrides for the tuning spaces
+    methods: tuple[str, ...] = tuple(METHODS)
+    overrides: tuple[str, ...] = ()  # for every run of the source, tuning and test
 
 
+# The real sources (SmolLM2-135M, 30 layers): every method of the verdict, 3 seeds, the
+# batched injector (users trained together; bf16 where the CPU multiplies it). Learning
+# rate and epochs span what a memory continued from the task memory needs (3e-4 was chosen
+# for it on the dev users) up to MiLP's own range; epochs capped to stay within CPU minutes.
+REAL = dict(
+    layers=30,
+    seeds=(0, 1, 2),
+    budget=6,  # retrieval's whole space is 5 values of k
+    dev_users=None,
+    ablations=False,
+    space=("trainer.max_epochs=range(2,7)", "optim.lr=tag(log,interval(0.0001,0.01))"),
+    methods=("zero_shot", "rag", "oppu", "milp", "milp_rag", "milp_task_ft", "milp_swapped"),
+    overrides=("injection=batched",),
+)
 SOURCES = {
     "synthetic": Source("lamp", 8, (0, 1, 2), 12, 8, True),
-    # SmolLM2-135M (30 layers) on 8 dev / 8 test users; epochs capped so that a trial
-    # stays within CPU minutes (one LoRA step of 8 chat pairs: ~2-3 s on 2 cores).
-    "chitchat": Source("chitchat", 30, (0,), 4, None, False, ("trainer.max_epochs=range(2,7)",)),
+    "chitchat": Source("chitchat", **REAL),
+    "shakespeare": Source("shakespeare", **REAL),
 }
 
 
@@ -83,7 +99,7 @@ def source_defaults(name: str) -> Source:
     if name in SOURCES:
         return SOURCES[name]
     if (ROOT / "conf" / "experiment" / f"{name}.yaml").is_file():
-        return Source(name, 30, (0,), 4, None, False, SOURCES["chitchat"].space)
+        return Source(name, **REAL)
     known = ", ".join(sorted(SOURCES))
     raise SystemExit(
         f"reproduce: error: --source {name}: neither {known} nor conf/experiment/{name}.yaml"
@@ -115,77 +131,6 @@ def ablate(out: Path, data: list[str], dev_users: list[str]) -> None:
     )
 
 
-def user_record(user: dict) -> dict:
-    """A test user's id, history size, metrics and per-example ROUGE (for LaMP's
-    bootstrap aggregation), from the run's users/<user>.json."""
-    examples = [
-        {"rouge1": rouge_1(p["prediction"], gold), "rougeL": rouge_l(p["prediction"], gold)}
-        for p in user["predictions"]
-        if (gold := p.get("gold")) is not None
-    ]
-    return {
-        "user_id": user["user_id"],
-        "history_size": user["history_size"],
-        **(user["memory"] or {}),
-        "example_scores": examples,
-    }
-
-
-def evaluate_methods(
-    out: Path,
-    experiment: str,
-    seeds: list[int],
-    tuning: dict[str, dict],
-    data: list[str],
-    test_users: list[str],
-    methods: list[str],
-) -> dict[str, list[dict]]:
-    """Run every method for every seed on the test users with its tuned settings."""
-    results: dict[str, list[dict]] = {}
-    for method in methods:
-        chosen = tuning.get(method, {}).get("settings", [])
-        for seed in seeds:
-            run_dir = out / "runs" / method / f"seed{seed}"
-            record = run_dir / "reproduce.json"
-            if not record.is_file():
-                seconds = run(
-                    train_command(
-                        experiment,
-                        f"+method={METHOD_CONFIG.get(method, method)}",
-                        f"seed={seed}",
-                        "split=test",
-                        "compare_without_memory=false",
-                        "logger=none",
-                        "callbacks=none",
-                        f"hydra.run.dir={run_dir}",
-                        *data,
-                        *test_users,
-                        *chosen,
-                    ),
-                    out / "logs" / f"{method}-seed{seed}.log",
-                )
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-                users = [json.loads(p.read_text()) for p in sorted(run_dir.glob("users/*.json"))]
-                atomic_write_text(
-                    record,
-                    json.dumps(
-                        {
-                            "seed": seed,
-                            "split": metrics["split"],
-                            "settings": chosen,
-                            "wall_seconds": seconds,
-                            "metrics": metrics["memory"],
-                            "trainable_parameters": max(
-                                (u["trainable_parameters"] for u in users), default=0
-                            ),
-                            "per_user": [user_record(u) for u in users],
-                        }
-                    ),
-                )
-            results.setdefault(method, []).append(json.loads(record.read_text()))
-    return results
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,8 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--ablate", action=argparse.BooleanOptionalAction, default=None, help="run ablations")
     add(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated methods to tune and run (default: all of {', '.join(METHODS)})",
+        default=None,
+        help=f"comma-separated methods to tune and run, of {', '.join(METHODS)} "
+        "(default: the source's)",
     )
     add("--reference", default="milp", help="the method compared with every other")
     add("--metrics", nargs="+", default=list(COMPARED), help="per-user metrics compared")
@@ -214,6 +160,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--resamples", type=int, default=10_000, help="bootstrap resamples of users")
     add("--smoke", action="store_true", help="2 users, 1 seed, budget 2, no ablations")
     add("--out", type=Path, default=ROOT / "experiments" / "results")
+    add(
+        "--stop-after",
+        choices=("tune", "plan"),
+        default=None,
+        help="stop after tuning, or after freezing the plan (plan.json), before any test run",
+    )
     add("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     name = args.data or args.source
@@ -222,10 +174,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seeds, args.budget, args.dev_users, args.test_users = [0], 2, 2, 2
         args.ablate = bool(args.ablate)
     args.name = name
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = [m for m in (args.methods or ",".join(profile.methods)).split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown or 'none given'} (known: {', '.join(METHODS)})")
+    controls = [m for m in args.methods if m in ("milp_swapped", "milp_task_ft")]
+    if controls and "milp" not in args.methods:
+        parser.error(f"--methods: {','.join(controls)} control MiLP's memory: add milp")
     if args.reference not in args.methods:
         parser.error(f"--reference {args.reference}: not among --methods {','.join(args.methods)}")
     args.experiment = profile.experiment
@@ -234,6 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dev_users = args.dev_users or profile.dev_users
     args.layers = args.layers or profile.layers
     args.space = [*profile.space, *(args.space or [])]
+    args.overrides = [*profile.overrides, *args.overrides]
     if args.ablate and "milp" not in args.methods:
         parser.error("--ablate: the ablations start from MiLP's search; add milp to --methods")
     if args.ablate is None:  # the source's default, where MiLP's search is run
@@ -288,9 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.ablate:
         ablate(out, data, dev_users)
-    results = evaluate_methods(
-        out, args.experiment, args.seeds, tuning, data, test_users, args.methods
+    if args.stop_after == "tune":
+        return 0
+    common = [*data, *test_users]
+    plan = freeze(
+        out,
+        source=args.name,
+        experiment=args.experiment,
+        runs={
+            m: {"seeds": seeds_for(m, args.seeds), "overrides": run_overrides(m, tuning, common)}
+            for m in args.methods
+        },
+        test_user_ids=test_user_ids(args.experiment, common),
     )
+    print(f"plan: {out / 'plan.json'} ({len(plan['test_user_ids'])} test users)")
+    if args.stop_after == "plan":
+        return 0
+    results = evaluate_methods(out, args.experiment, args.seeds, tuning, common, args.methods)
 
     rows = comparisons(
         results,
@@ -319,6 +289,28 @@ def main(argv: list[str] | None = None) -> int:
 experiment `{args.experiment}`, test seeds {args.seeds}. Wall time of this invocation
 {(time.perf_counter() - started) / 60:.1f} min (steps already done are skipped); the steps'
 own times: tuning {tune_wall / 60:.1f} min, test runs {test_wall / 60:.1f} min.
+
+## Preregistration
+
+{plan_summary(out)}
+
+## Verdict (test users)
+
+{verdict_table(claim_rows(results, ablation_tables or None))}
+
+Users and queries scored:
+
+{counts(results)}
+
+Held-out NLL gain of the memory, split into its domain part and its owner part (per user,
+paired; positive: the memory lowers the gold's NLL):
+
+{decomposition(results)}
+
+Attribution (every MiLP memory on every test user's queries; p: the observed top-1 against
+random owner labels):
+
+{attribution_lines(out, "milp", args.seeds) if "milp" in results else "(MiLP not run)"}
 
 ## Tuning (validation users, before any test run)
 

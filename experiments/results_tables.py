@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from milp.stats import bootstrap_aggregate, compare, lower_is_better
+from milp.stats import bootstrap_aggregate, compare, lower_is_better, seed_spread
 
 METHODS = {
     "zero_shot": "zero-shot",
@@ -23,6 +23,8 @@ METHODS = {
     "milp_rag": "MiLP + retrieval",
     "milp_default": "memory, the experiment's config (not searched)",
     "milp_sparse": "MiLP + sparse-history repetition",
+    "milp_task_ft": "task fine-tune, step-matched (MiLP's memory on pooled train users)",
+    "milp_swapped": "swapped memory (MiLP's memory of another test user)",
 }
 LABELS = {
     "rouge1": "ROUGE-1",
@@ -46,8 +48,8 @@ def present(results: dict[str, list[dict]], metric: str) -> bool:
 
 
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+    """Mean ± std over seeds; one seed is shown as one seed, never as "± 0"."""
+    return seed_spread(values)
 
 
 def lamp_aggregate(runs: list[dict], metric: str, seed: int = 0) -> float:

@@ -44,6 +44,8 @@ TUNING_SWEEPS = {
 NOT_TUNED = {
     "zero_shot": "no settings to tune",
     "milp_default": "the experiment's memory configuration (conf/experiment), not searched here",
+    "milp_task_ft": "a control: MiLP's chosen settings, trained on pooled train-user items",
+    "milp_swapped": "a control: MiLP's chosen settings, each user given another's memory",
 }
 TUNING_SPLIT = "dev"
 GRID_LOG = "grid.jsonl"

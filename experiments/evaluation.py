@@ -1,0 +1,132 @@
+"""The test stage of `make reproduce`: every method on the same test users, per seed, with
+the settings tuning chose, exactly as the frozen plan (experiments/plan.py) holds them.
+
+A method's test run is `python -m milp.train +experiment=... +method=<config>` plus its
+tuned settings. The two controls of MiLP's memory run MiLP's chosen settings with one
+change, what the memory trains on (`history_of`, milp/data/controls.py): another test
+user's history (`milp_swapped`) or the train split's pooled items for the same steps
+(`milp_task_ft`). Methods without training (zero-shot, retrieval) are deterministic and
+run with the first seed only; every other method runs every seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jobs import ROOT, run, train_command
+from plan import check_run
+
+from milp.files import atomic_write_text
+from milp.metrics import rouge_1, rouge_l
+
+#: Test-run method -> (+method config, the tuning whose settings it takes, extra overrides).
+RUNS = {
+    "milp_default": ("milp", None, []),
+    "milp_swapped": ("milp", "milp", ["history_of=swapped"]),
+    "milp_task_ft": ("milp", "milp", ["history_of=pooled_train"]),
+}
+#: Methods whose answers do not depend on the seed (no training, greedy decoding).
+UNTRAINED = ("zero_shot", "rag")
+#: Test runs that score every user's memory on every user's queries (milp/attribute.py).
+ATTRIBUTED = ("milp", "milp_default")
+
+
+def method_config(method: str) -> str:
+    return RUNS.get(method, (method, None, []))[0]
+
+
+def seeds_for(method: str, seeds: list[int]) -> list[int]:
+    return seeds[:1] if method in UNTRAINED else list(seeds)
+
+
+def run_overrides(method: str, tuning: dict[str, dict], common: list[str]) -> list[str]:
+    """A test run's overrides except its seed and run dir: the method's config, the common
+    overrides, its tuned settings (or the tuned method's it controls), its own extras."""
+    _, tuned_by, extra = RUNS.get(method, (method, method, []))
+    chosen = tuning.get(tuned_by, {}).get("settings", []) if tuned_by else []
+    attribution = [] if method in ATTRIBUTED else ["attribution.enabled=false"]
+    return [
+        f"+method={method_config(method)}",
+        "split=test",
+        "compare_without_memory=false",
+        "logger=none",
+        "callbacks=none",
+        *common,
+        *chosen,
+        *extra,
+        *attribution,
+    ]
+
+
+def user_record(user: dict) -> dict:
+    """A test user's id, history size, metrics and per-example ROUGE (for LaMP's
+    bootstrap aggregation), from the run's users/<user>.json."""
+    examples = [
+        {"rouge1": rouge_1(p["prediction"], gold), "rougeL": rouge_l(p["prediction"], gold)}
+        for p in user["predictions"]
+        if (gold := p.get("gold")) is not None
+    ]
+    return {
+        "user_id": user["user_id"],
+        "history_size": user["history_size"],
+        **(user["memory"] or {}),
+        "example_scores": examples,
+    }
+
+
+def evaluate_methods(
+    out: Path,
+    experiment: str,
+    seeds: list[int],
+    tuning: dict[str, dict],
+    common: list[str],
+    methods: list[str],
+) -> dict[str, list[dict]]:
+    """Run every method for its seeds on the test users, as the plan in `out` holds them;
+    finished runs (their reproduce.json) are read back, not run again."""
+    results: dict[str, list[dict]] = {}
+    for method in methods:
+        overrides = run_overrides(method, tuning, common)
+        for seed in seeds_for(method, seeds):
+            run_dir = out / "runs" / method / f"seed{seed}"
+            record = run_dir / "reproduce.json"
+            if not record.is_file():
+                check_run(out, method, seed, overrides)
+                seconds = run(
+                    train_command(
+                        experiment, *overrides, f"seed={seed}", f"hydra.run.dir={run_dir}"
+                    ),
+                    out / "logs" / f"{method}-seed{seed}.log",
+                )
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                users = [json.loads(p.read_text()) for p in sorted(run_dir.glob("users/*.json"))]
+                atomic_write_text(
+                    record,
+                    json.dumps(
+                        {
+                            "seed": seed,
+                            "split": metrics["split"],
+                            "settings": overrides,
+                            "wall_seconds": seconds,
+                            "metrics": metrics["memory"],
+                            "trainable_parameters": max(
+                                (u["trainable_parameters"] for u in users), default=0
+                            ),
+                            "per_user": [user_record(u) for u in users],
+                        }
+                    ),
+                )
+            results.setdefault(method, []).append(json.loads(record.read_text()))
+    return results
+
+
+def test_user_ids(experiment: str, common: list[str]) -> list[str]:
+    """The ids of the users the test runs will answer (the test split as configured)."""
+    from hydra import compose, initialize_config_dir
+
+    from milp.train import build
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}", *common, "split=test"])
+    return [u.user_id for u in build(cfg.data.users)]
