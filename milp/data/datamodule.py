@@ -290,8 +290,9 @@ class UserDataModule(L.LightningDataModule):
         self.prompt_fit = self._count_prompt_fit()
 
     def _count_prompt_fit(self) -> dict[str, int]:
-        """How the queries' prompts fit the token budget (what each gave up); a cut input
-        is logged, since it changes what is answered."""
+        """How many query prompts, to fit the token budget, kept their items shortened,
+        dropped items, dropped turns, or had their input cut (`PromptFit`); a cut input is
+        logged, since it changes what is answered."""
         fits = [
             self.format.fit(self.tokenizer, q.prompt, q.items)
             for u in self.users
