@@ -241,6 +241,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
         requests = read_requests(settings.queries)
     else:
         datamodule = instantiate(settings.data)
+        prompt_format = datamodule.format  # with the run's layout of retrieved items
         requests = [Request(u.user_id, q) for u in datamodule.users for q in u.queries]
     if not requests:
         raise MilpError("no queries to answer")

@@ -324,6 +324,7 @@ def test_a_users_pairs_are_tokenized_once_across_epochs(tmp_path):
 
     datamodule = UserDataModule([rich], batch_size=1)
     datamodule.attach_tokenizer(CountingTokenizer())
+    calls[:] = []  # attaching lays out the queries' prompts once (prompt_fit)
     loader = datamodule.select(rich).train_dataloader()
     epochs = [[b["input_ids"][0].tolist() for b in loader] for _ in range(3)]
     during_training, calls[:] = len(calls), []

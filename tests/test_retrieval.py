@@ -35,7 +35,7 @@ def test_bm25_ties_go_to_the_more_recent_item():
 
 
 def test_lamp4_layout_and_word_budget():
-    fmt = RetrievalFormat(max_item_words=3)
+    fmt = RetrievalFormat(max_item_words=3, min_item_words=1)
     items = [
         HistoryPair("", "Big win", "the team won the cup"),
         HistoryPair("", "Rain", "it rains"),
@@ -44,17 +44,34 @@ def test_lamp4_layout_and_word_budget():
         '"Big win" is the title for "the team won", and "Rain" is the title for "it rains". '
         "Generate a headline: x"
     )
+    assert fmt.render(items[:1], "q", words=1) == '"Big win" is the title for "the". q'
     assert fmt.render([], "q") == "q"
 
 
-def test_add_retrieval_rewrites_queries_only():
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_item_words": 4}, "data.retrieval_format.max_item_words=4 is below min_item_words=8"),
+        ({"min_item_words": 0}, "data.retrieval_format.min_item_words must be an integer >= 1"),
+        ({"query_template": "{items}"}, "query_template must contain '{prompt}'"),
+    ],
+)
+def test_bad_retrieval_layouts_are_clear_errors(settings, message):
+    with pytest.raises(MilpError, match=message):
+        RetrievalFormat(**settings)
+
+
+def test_add_retrieval_gives_queries_their_ranked_items():
     history = [HistoryPair("p1", "cats purr", "about cats"), HistoryPair("p2", "dogs bark", "dogs")]
     user = User(
         "u", history, [Query("q", "tell me about dogs", "woof")], ["cats purr", "dogs bark"]
     )
-    (augmented,) = add_retrieval([user], 1, RetrievalFormat())
+    (augmented,) = add_retrieval([user], 1)
     assert augmented.history == history
-    assert augmented.queries[0].prompt == '"dogs bark" is the title for "dogs". tell me about dogs'
-    assert add_retrieval([user], 0, RetrievalFormat()) == [user]
+    assert augmented.queries[0].prompt == "tell me about dogs"  # the query's own input
+    assert augmented.queries[0].items == (history[1],)
+    (both,) = add_retrieval([user], 5)
+    assert both.queries[0].items == (history[1], history[0])  # best first, k capped
+    assert add_retrieval([user], 0) == [user]
     with pytest.raises(MilpError, match="retrieval.k must be >= 0"):
-        add_retrieval([user], -1, RetrievalFormat())
+        add_retrieval([user], -1)

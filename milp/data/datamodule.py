@@ -7,9 +7,10 @@ own user's history (a peer's code once let a buffer leak across users).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -21,19 +22,32 @@ from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
 
 IGNORE_INDEX = -100
+log = logging.getLogger("milp")
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """A prompt laid out within its token budget, and what it gave up to fit."""
+
+    ids: list[int]
+    items: int = 0  # retrieved items kept (best-ranked first)
+    item_words: int | None = None  # the words per item source they were kept at
+    items_dropped: int = 0
+    turns_dropped: int = 0  # dialogue turns dropped from the start
+    # The query's own input lost tokens: a dialogue's turn being answered keeps its end
+    # (what is answered), any other input its beginning (LaMP's instruction).
+    cut: bool = False
 
 
 @dataclass(frozen=True)
 class PromptFormat:
     """How a prompt and an answer are laid out as tokens for a causal LM.
 
-    Prompts are cut at `max_prompt_tokens` (keeping their beginning, where LaMP puts the
-    instruction, and always keeping the answer cue at the end); targets at
+    A prompt is the query's input in `template`, with the retrieved items (if any)
+    before it as `retrieval` writes them; it fits `max_prompt_tokens` (`fit`), the
+    template's text around `{prompt}` always whole; targets are cut at
     `max_target_tokens`. A dialogue prompt (one turn per line, `milp/data/dialogue.py`)
-    sets `turn_separator`: it loses whole turns from its start first, so the turn being
-    answered, the last, stays; only a last turn too long on its own is cut at its end.
-    A header that ends with a blank line (retrieved items, `query_template`
-    `'{items}.\n\n{prompt}'`) is kept whole before the turns.
+    sets `turn_separator`; its last turn is the one being answered.
     Training and generation share this, so the memory is trained on exactly the layout
     it is asked to answer in.
     """
@@ -45,6 +59,8 @@ class PromptFormat:
     # a chat template's "assistant\n", whose replies start right away.
     target_prefix: str = " "
     turn_separator: str | None = None
+    # How retrieved items are written (data.retrieval_format; UserDataModule sets it).
+    retrieval: RetrievalFormat | None = None
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
@@ -55,28 +71,80 @@ class PromptFormat:
         # One token of the target budget is the end-of-sequence token.
         setting_int("data.prompt_format.max_target_tokens", self.max_target_tokens, 2)
 
-    def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
-        """Token ids of a formatted, truncated prompt."""
+    def prompt_ids(self, tokenizer, prompt: str, items: Sequence[HistoryPair] = ()) -> list[int]:
+        """Token ids of a formatted prompt that fits the budget (see `fit`)."""
+        return self.fit(tokenizer, prompt, items).ids
+
+    def fit(self, tokenizer, prompt: str, items: Sequence[HistoryPair] = ()) -> PromptFit:
+        """Lay out `prompt` with its retrieved `items` (best first) in `max_prompt_tokens`.
+
+        A prompt that fits is the template around `retrieval.render(items, prompt)`,
+        tokens unchanged. Over budget, it gives up, in this order, until it fits: words of
+        the item sources (down to `retrieval.min_item_words`), then items, lowest-ranked
+        first, then a dialogue's oldest turns; only then is the input itself cut (`cut`):
+        the turn being answered keeps its end, any other input its beginning.
+        """
         head, _, tail = self.template.partition("{prompt}")
         head_ids = tokenizer.encode(head, add_special_tokens=True) if head else []
-        body_ids = tokenizer.encode(prompt, add_special_tokens=not head)
         tail_ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
         room = self.max_prompt_tokens - len(head_ids) - len(tail_ids)
         if room < 1:
             raise MilpError(
-                f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for the "
-                f"prompt after the template {self.template!r}"
+                f"data.prompt_format.max_prompt_tokens={self.max_prompt_tokens} leaves no room "
+                f"for the prompt after the template {self.template!r}"
             )
-        if len(body_ids) > room and self.turn_separator and self.turn_separator in prompt:
-            # A header (retrieved items) ends at the last blank line; only the turns after
-            # it are dropped.
-            header, blank, dialogue = prompt.rpartition(self.turn_separator * 2)
-            turns = dialogue.split(self.turn_separator)
-            while len(body_ids) > room and len(turns) > 1:
-                turns = turns[1:]
-                text = header + blank + self.turn_separator.join(turns)
-                body_ids = tokenizer.encode(text, add_special_tokens=not head)
-        return head_ids + body_ids[:room] + tail_ids
+        if items and self.retrieval is None:
+            raise MilpError(
+                "a query carries retrieved items but the prompt format has no "
+                "data.retrieval_format to write them with"
+            )
+        turns = prompt.split(self.turn_separator) if self.turn_separator else [prompt]
+
+        def body(kept: int, words: int | None = None, first_turn: int = 0) -> list[int]:
+            text = prompt
+            if first_turn:
+                text = self.turn_separator.join(turns[first_turn:])
+            if kept:
+                text = self.retrieval.render(items[:kept], text, words)
+            return tokenizer.encode(text, add_special_tokens=not head)
+
+        def laid_out(ids: list[int], **given_up) -> PromptFit:
+            return PromptFit(head_ids + ids + tail_ids, **given_up)
+
+        ids = body(len(items))
+        if len(ids) <= room:
+            words = self.retrieval.max_item_words if items else None
+            return laid_out(ids, items=len(items), item_words=words)
+        for kept in range(len(items), 0, -1):
+            floor, top = self.retrieval.min_item_words, self.retrieval.max_item_words
+            ids = body(kept, floor)
+            if len(ids) > room:
+                continue
+            # The most words per item that fit: sources shorten before items go.
+            while top > floor:
+                middle = (floor + top + 1) // 2
+                longer = body(kept, middle)
+                if len(longer) <= room:
+                    floor, ids = middle, longer
+                else:
+                    top = middle - 1
+            return laid_out(ids, items=kept, item_words=floor, items_dropped=len(items) - kept)
+        first = 0
+        ids = body(0)
+        while len(ids) > room and first < len(turns) - 1:
+            first += 1
+            ids = body(0, first_turn=first)
+        dropped = {"items_dropped": len(items), "turns_dropped": first}
+        if len(ids) <= room:
+            return laid_out(ids, **dropped)
+        if self.turn_separator:
+            # Special tokens the tokenizer puts first (a BOS without a template head) stay.
+            lead = len(ids) - len(tokenizer.encode(turns[-1], add_special_tokens=False))
+            lead = min(max(lead, 0), room - 1)
+            ids = ids[:lead] + ids[len(ids) - room + lead :]
+        else:
+            ids = ids[:room]
+        return laid_out(ids, cut=True, **dropped)
 
     def target_ids(self, tokenizer, target: str) -> list[int]:
         """Token ids of an answer, ending with the end-of-sequence token."""
@@ -132,7 +200,7 @@ class QueryCollator:
         self.tokenizer, self.format = tokenizer, prompt_format
 
     def __call__(self, queries: list[tuple[str, Query]]) -> dict:
-        prompts = [self.format.prompt_ids(self.tokenizer, q.prompt) for _, q in queries]
+        prompts = [self.format.prompt_ids(self.tokenizer, q.prompt, q.items) for _, q in queries]
         return {
             "input_ids": pad_left(prompts, self.tokenizer.pad_token_id),
             "attention_mask": pad_left([[1] * len(p) for p in prompts], 0),
@@ -177,7 +245,12 @@ class UserDataModule(L.LightningDataModule):
             raise MilpError(
                 f"data.allow_gold_in_history must be true or false, got {allow_gold_in_history!r}"
             )
-        self.format = prompt_format or PromptFormat()
+        # The prompt format writes the queries' retrieved items with the data's layout.
+        prompt_format = prompt_format or PromptFormat()
+        self.format = replace(
+            prompt_format,
+            retrieval=retrieval_format or prompt_format.retrieval or RetrievalFormat(),
+        )
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         # `path`: where the users were read from (data.path); `source`: the package and
         # version a real source was converted from (milp/data/sources.py). Both are
@@ -200,18 +273,49 @@ class UserDataModule(L.LightningDataModule):
                 "(set data.allow_gold_in_history=true to run anyway)"
             )
         self.gold_in_history = leaks.as_dict()
-        # Retrieval-in-prompt rewrites the query prompts once, here: training pairs and
-        # everything downstream are the same with or without it.
-        self.users = add_retrieval(users, retrieval_k, retrieval_format or RetrievalFormat())
+        # Retrieval-in-prompt ranks once, here: each query carries its top-k items, which
+        # the prompt format lays out; training pairs are the same with or without it.
+        self.users = add_retrieval(users, retrieval_k)
         self.retrieval_k = retrieval_k
         self.tokenizer = None
         self.selected: list[User] = []
+        self.prompt_fit: dict[str, int] = {}
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Use the base model's tokenizer (known only once the model is loaded)."""
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise MilpError("the model's tokenizer needs an end-of-sequence and a pad token")
         self.tokenizer = tokenizer
+        # What the query prompts gave up to fit the budget (PromptFormat.fit), counted.
+        self.prompt_fit = self._count_prompt_fit()
+
+    def _count_prompt_fit(self) -> dict[str, int]:
+        """How many query prompts, to fit the token budget, kept their items shortened,
+        dropped items, dropped turns, or had their input cut (`PromptFit`); a cut input is
+        logged, since it changes what is answered."""
+        fits = [
+            self.format.fit(self.tokenizer, q.prompt, q.items)
+            for u in self.users
+            for q in u.queries
+        ]
+        widest = self.format.retrieval.max_item_words
+        counts = {
+            "queries": len(fits),
+            "items_shortened": sum(f.items > 0 and f.item_words < widest for f in fits),
+            "items_dropped": sum(f.items_dropped > 0 for f in fits),
+            "turns_dropped": sum(f.turns_dropped > 0 for f in fits),
+            "input_cut": sum(f.cut for f in fits),
+        }
+        if counts["input_cut"]:
+            log.warning(
+                "%d of %d query prompts are cut to data.prompt_format.max_prompt_tokens=%d "
+                "with nothing else left to drop (a dialogue's turn being answered keeps its "
+                "end, any other input its beginning)",
+                counts["input_cut"],
+                len(fits),
+                self.format.max_prompt_tokens,
+            )
+        return counts
 
     def select(self, users: User | list[User]) -> UserDataModule:
         """Serve these users' data from now on (one user, or a group)."""

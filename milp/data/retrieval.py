@@ -1,12 +1,16 @@
 """Retrieval-in-prompt (LaMP's RAG baseline): the user's most relevant history items,
 ranked by BM25 against the query, are written into the prompt.
 
-Each retrieved item is rendered with `item_template` (fields `{source}`, `{target}`),
-the items are joined with `join`, and `query_template` places them before the query
-(`{items}`, `{prompt}`). The defaults are LaMP-4's: `"{target}" is the title for
-"{source}"`, joined by `, and `, then `. {prompt}`. Sources are cut to `max_item_words`
-words so that k items fit the prompt budget. The rendering is also used by the
-embedded generator's pretraining examples, so the tiny base model knows this layout.
+Retrieval ranks and renders; it does not fit. `add_retrieval` gives each query its
+top-k items, best first (`Query.items`), and `RetrievalFormat` writes them: each item
+with `item_template` (fields `{source}`, `{target}`, the source cut to a number of
+words), joined with `join`, placed before the query by `query_template` (`{items}`,
+`{prompt}`). The defaults are LaMP-4's: `"{target}" is the title for "{source}"`,
+joined by `, and `, then `. {prompt}`. Sources are cut to `max_item_words` words; a
+prompt over its token budget shortens them further, down to `min_item_words`, before it
+drops items (`PromptFormat.fit` in milp/data/datamodule.py owns the budget). The
+rendering is also used by the embedded generator's pretraining examples, so the tiny
+base model knows this layout.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from milp.data.checks import setting_int
 from milp.data.users import HistoryPair, User
 from milp.errors import MilpError
 from milp.metrics import tokenize
@@ -63,22 +68,43 @@ class RetrievalFormat:
     join: str = ", and "
     query_template: str = "{items}. {prompt}"
     max_item_words: int = 24
+    # The fewest words of an item's source a prompt over budget shortens it to; below
+    # that, items are dropped instead (lowest-ranked first).
+    min_item_words: int = 8
 
-    def render(self, items: Sequence[HistoryPair], prompt: str) -> str:
-        """The prompt with `items` placed before it."""
+    def __post_init__(self) -> None:
+        for key in ("{items}", "{prompt}"):
+            if key not in self.query_template:
+                raise MilpError(
+                    f"data.retrieval_format.query_template must contain '{key}', "
+                    f"got {self.query_template!r}"
+                )
+        setting_int("data.retrieval_format.min_item_words", self.min_item_words, 1)
+        setting_int("data.retrieval_format.max_item_words", self.max_item_words, 1)
+        if self.max_item_words < self.min_item_words:
+            raise MilpError(
+                f"data.retrieval_format.max_item_words={self.max_item_words} is below "
+                f"min_item_words={self.min_item_words}"
+            )
+
+    def render(self, items: Sequence[HistoryPair], prompt: str, words: int | None = None) -> str:
+        """The prompt with `items` placed before it, each source cut to `words` words
+        (`max_item_words` when None); the targets, the user's own texts, stay whole."""
         if not items:
             return prompt
+        words = self.max_item_words if words is None else words
         rendered = [
             self.item_template.format(
-                source=" ".join(item.source.split()[: self.max_item_words]), target=item.target
+                source=" ".join(item.source.split()[:words]), target=item.target
             )
             for item in items
         ]
         return self.query_template.format(items=self.join.join(rendered), prompt=prompt)
 
 
-def add_retrieval(users: list[User], k: int, fmt: RetrievalFormat) -> list[User]:
-    """Users whose query prompts carry their top-k history items (history unchanged)."""
+def add_retrieval(users: list[User], k: int) -> list[User]:
+    """Users whose queries carry their top-k history items, best first (history and
+    query prompts unchanged)."""
     if k < 0:
         raise MilpError(f"retrieval.k must be >= 0, got {k}")
     if k == 0:
@@ -87,9 +113,7 @@ def add_retrieval(users: list[User], k: int, fmt: RetrievalFormat) -> list[User]
     for user in users:
         index = BM25([f"{p.source} {p.target}" for p in user.history])
         queries = [
-            replace(
-                q, prompt=fmt.render([user.history[i] for i in index.top(q.prompt, k)], q.prompt)
-            )
+            replace(q, items=tuple(user.history[i] for i in index.top(q.prompt, k)))
             for q in user.queries
         ]
         augmented.append(replace(user, queries=queries))

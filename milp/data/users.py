@@ -26,11 +26,17 @@ class HistoryPair:
 
 @dataclass(frozen=True)
 class Query:
-    """A question the personalized model must answer; `gold` is None when unknown."""
+    """A question the personalized model must answer; `gold` is None when unknown.
+
+    `prompt` is the query's own input; `items` are the user's history items retrieval
+    put beside it, best first (`milp.data.retrieval.add_retrieval`; empty without
+    retrieval). The prompt format lays both out within the token budget.
+    """
 
     id: str
     prompt: str
     gold: str | None = None
+    items: tuple[HistoryPair, ...] = ()
 
 
 @dataclass
