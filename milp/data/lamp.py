@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from milp.data.checks import record_id, record_text, setting_int
+from milp.data.dialogue import TURN_SEPARATOR
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
 
@@ -57,8 +58,10 @@ def _tweet_pair(item: dict[str, Any]) -> HistoryPair:
 
 def _reply_pair(item: dict[str, Any]) -> HistoryPair:
     # Dialogue replies (milp/data/chitchat.py, shakespeare.py): the recent turns -> the
-    # user's reply.
-    return HistoryPair(prompt=item["context"], target=item["text"], source=item["context"])
+    # user's reply. Retrieval shows an item as the turn replied to (the context's last
+    # line, labelled) and the reply: the older turns would crowd out what was answered.
+    last_turn = item["context"].rsplit(TURN_SEPARATOR, 1)[-1]
+    return HistoryPair(prompt=item["context"], target=item["text"], source=last_turn)
 
 
 TASKS: dict[str, LampTask] = {
