@@ -54,6 +54,7 @@ def summarize(
     data_path: str | None,
     gold_in_history: dict | None,
     data_source: dict | None = None,
+    prompt_fit: dict | None = None,
     split: str,
     objective: str,
     memory_enabled: bool,
@@ -73,6 +74,8 @@ def summarize(
         "no_memory": average(results, "no_memory"),
         # queries whose gold is in the user's history (milp/data/checks.py find_gold_leaks)
         "gold_in_history": gold_in_history,
+        # how the queries' prompts were fitted to the token budget (PromptFormat.fit)
+        "prompt_fit": prompt_fit,
         "seconds": round(sum(r["seconds"] for r in results), 2),
         "per_user": {
             r["user_id"]: {k: r[k] for k in ("history_size", "memory", "no_memory", "seconds")}

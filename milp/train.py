@@ -203,6 +203,7 @@ def run(cfg: DictConfig) -> float | None:
             data_path=datamodule.path,
             data_source=datamodule.source,
             gold_in_history=datamodule.gold_in_history,
+            prompt_fit=datamodule.prompt_fit,
             split=cfg.split,
             objective=cfg.objective,
             memory_enabled=memory.enabled,
