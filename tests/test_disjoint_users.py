@@ -84,14 +84,12 @@ def check_converted(source: str, root: Path, settings: dict) -> dict:
                     assert item["date"] < first_query
                     history_units.add(UNIT[source](user_id, item))
                 shown = shown_turns(query["input"], settings["context_turns"])
+                unit = UNIT[source](user_id, query)
                 for other in queries:  # the query itself included
                     assert normalize(gold[other["id"]]) not in shown, (query["id"], other["id"])
-                    if other is not query and UNIT[source](user_id, other) in units:
-                        same = UNIT[source](user_id, other) == UNIT[source](user_id, query)
-                        assert (
-                            not same
-                            or abs(other["turn"] - query["turn"]) > (settings["context_turns"])
-                        )
+                    # The structural rule: outside each other's context_turns window.
+                    if other is not query and UNIT[source](user_id, other) == unit:
+                        assert abs(other["turn"] - query["turn"]) > settings["context_turns"]
         if per_user:  # the LaMP loader accepts the files; nothing refuses a query
             users = LOADERS[source](root, split, **settings)
             assert sorted(u.user_id for u in users) == sorted(per_user)
