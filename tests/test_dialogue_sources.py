@@ -1,8 +1,10 @@
 """Dialogue sources: prompts with the recent turns, Chit-Chat and Shakespeare's plays.
 
 Run on small real excerpts of both sources (tests/fixtures/): the first four
-conversations of chitchat-dataset 0.9.0 and the opening 420 lines of four plays (plus a
-poem) from shakespeare 0.6's texts.
+conversations of chitchat-dataset 0.9.0 and every conversation of three of its senders
+(d07b0d0e, 8113b51a, dd75b408), and the opening 420 to 800 lines of eight plays (plus a
+poem) from shakespeare 0.6's texts, six of them long enough to hold a character with
+history before a scene and queries after it.
 """
 
 import json
@@ -83,7 +85,8 @@ def test_chitchat_converted_queries_use_the_context_turns(tmp_path):
     users = load_chitchat_users(tmp_path, "test", context_turns=3, **settings)
     assert len(users) == 2
     for user in users:
-        assert all(1 < len(q.prompt.split("\n")) <= 3 for q in user.queries)
+        lines = [q.prompt.split("\n") for q in user.queries]
+        assert max(len(x) for x in lines) == 3 and all(x[-1].startswith("Them: ") for x in lines)
         assert all(p.prompt.split("\n")[-1].startswith("Them: ") for p in user.history)
     single = load_chitchat_users(tmp_path, "test", context_turns=1, **settings)
     assert [u.user_id for u in single] == [u.user_id for u in users]
@@ -98,7 +101,16 @@ def test_plays_parse_speakers_scenes_and_inline_labels():
         ("Ber", "Long live the king!"),
     ]
     plays = read_plays(PLAYS)
-    assert sorted(plays) == ["hamlet", "loves_labours_lost", "midsummer_nights_dream", "othello"]
+    assert sorted(plays) == [
+        "antony_and_cleopatra",
+        "as_you_like_it",
+        "hamlet",
+        "loves_labours_lost",
+        "merry_wives_of_windsor",
+        "midsummer_nights_dream",
+        "richard_iii",
+        "troilus_and_cressida",
+    ]
     # "KING. Ay, that is ..." opens a speech on the label's own line.
     assert any(
         s.speaker == "KING" and s.text == "Ay, that is study's god-like recompense."
@@ -111,10 +123,17 @@ def test_plays_parse_speakers_scenes_and_inline_labels():
         assert all(a.speaker != b.speaker for a, b in pairs if a.scene == b.scene)
 
 
+def scene_start_nearest(speeches, fraction: float) -> int:
+    """The first speech of the scene that starts nearest `fraction` of the play (the rule)."""
+    starts = [i for i in range(1, len(speeches)) if speeches[i].scene != speeches[i - 1].scene]
+    return min(starts, key=lambda i: (abs(i - len(speeches) * fraction), i))
+
+
 def test_shakespeare_split_has_no_future_leakage(tmp_path):
     plays = read_plays(PLAYS)
     splits = {s: load_shakespeare_users(tmp_path, s, **SMALL) for s in ("test", "dev", "train")}
-    assert [len(splits[s]) for s in ("test", "dev", "train")] == [2, 1, 1]
+    # Test and dev hold every qualifying character of their plays; dev 3 plays or more.
+    assert [len(splits[s]) for s in ("test", "dev", "train")] == [2, 3, 1]
     play_of = {s: {u.user_id.split("/")[0] for u in users} for s, users in splits.items()}
     assert not (play_of["test"] & play_of["dev"] or play_of["test"] & play_of["train"])
     assert not play_of["dev"] & play_of["train"]
@@ -126,18 +145,20 @@ def test_shakespeare_split_has_no_future_leakage(tmp_path):
         for user in users:
             play, speaker = user.user_id.split("/")
             speeches = plays[play]
-            cut = int(len(speeches) * 0.8)
+            cut = scene_start_nearest(speeches, 0.8)
             questions = [q for q in raw if q["user_id"] == user.user_id]
-            assert len(questions) == 3 and len(user.history) >= 5
+            assert len(questions) == 5 and len(user.history) >= 5
             for question in questions:
                 position = int(question["id"].rsplit("-", 1)[1])
                 assert speeches[position].speaker == speaker
                 assert gold_of[question["id"]] == speeches[position].text
-                assert position >= cut
-                # Every history item, and every speech its context shows, is before the cut.
+                assert position >= cut and question["scene"] == speeches[position].scene
+                # Every history item, and every speech its context shows, is in a scene
+                # before the cut, so none shares the query's scene.
                 for item in question["profile"]:
                     assert item["context_from"] <= item["date"] < cut
                     assert speeches[item["date"]].speaker == speaker
+                    assert item["scene"] == speeches[item["date"]].scene < question["scene"]
             # No history item of anyone in the play holds a query's gold.
             seen = {
                 normalize(t)
@@ -212,5 +233,5 @@ def test_shakespeare_users_run_end_to_end_with_a_tiny_model(milp_cache, tmp_path
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"] == "shakespeare" and metrics["users"] == 2
-    assert metrics["memory"]["examples"] == 6
-    assert metrics["data_source"] == {"path": str(PLAYS), "converter_version": 1}
+    assert metrics["memory"]["examples"] == 10  # 5 queries each
+    assert metrics["data_source"] == {"path": str(PLAYS), "converter_version": 2}

@@ -24,37 +24,45 @@ needs_smollm2 = pytest.mark.skipif(
 def test_chitchat_time_based_split_per_user(tmp_path):
     from milp.data.chitchat import corpus_path, load_chitchat_users, read_replies
 
-    users = load_chitchat_users(
-        tmp_path, "test", test_users=3, dev_users=2, min_history=50, max_history=60
-    )
-    dev = load_chitchat_users(
-        tmp_path, "dev", test_users=3, dev_users=2, min_history=50, max_history=60
-    )
+    settings = {"test_users": 3, "dev_users": 2, "min_history": 50, "max_history": 60}
+    users = load_chitchat_users(tmp_path, "test", **settings)
+    dev = load_chitchat_users(tmp_path, "dev", **settings)
     assert len(users) == 3 and len(dev) == 2
     assert not {u.user_id for u in users} & {u.user_id for u in dev}
-    replies = read_replies(corpus_path())
+    directory = next(tmp_path.glob("chitchat-*"))
+    raw = {s: json.loads((directory / f"{s}_questions.json").read_text()) for s in ("test", "dev")}
+    assert len(raw["test"]) == 30
+    held = {q["conversation"] for questions in raw.values() for q in questions}
+    replies = read_replies(corpus_path(), context_turns=4)
     for user in users:
         items = replies[user.user_id]
-        assert 50 <= len(user.history) <= 60 and len(user.queries) == 3
-        # Queries are the user's last replies; history is strictly earlier.
-        assert [q.gold for q in user.queries] == [i["text"] for i in items[-3:]]
-        assert [q.prompt for q in user.queries] == [i["context"] for i in items[-3:]]
-        assert [p.target for p in user.history] == [i["text"] for i in items[-63:-3]]
-    # In the written files, every profile item is dated no later than the reply the
-    # question asks for, and that reply is never in its own profile.
-    date_of = {item["id"]: item["date"] for items in replies.values() for item in items}
-    raw = json.loads((next(tmp_path.glob("chitchat-*")) / "test_questions.json").read_text())
-    assert len(raw) == 9
-    for question in raw:
+        by_id = {i["id"]: i for i in items}
+        assert 50 <= len(user.history) <= 60 and len(user.queries) == 10
+        assert [q.gold for q in user.queries] == [by_id[q.id]["text"] for q in user.queries]
+        assert [q.prompt for q in user.queries] == [by_id[q.id]["context"] for q in user.queries]
+        # Queries come from the user's latest conversations (3 or more); history is the
+        # user's earlier replies in conversations that hold no drawn user's query.
+        mine = {by_id[q.id]["conversation"] for q in user.queries}
+        order = sorted(
+            {i["conversation"]: i["date"] for i in reversed(items)}.items(),
+            key=lambda c: (c[1], c[0]),
+        )
+        assert len(mine) >= 3 and {c for c, _ in order[-len(mine) :]} == mine
+        start = order[-len(mine)][1]
+        earlier = [i["text"] for i in items if i["conversation"] not in held and i["date"] < start]
+        assert [p.target for p in user.history] == earlier[-60:]
+    # In the written files, every profile item is dated before the reply the question
+    # asks for, and that reply is never in its own profile.
+    for question in raw["test"]:
         assert question["id"] not in {item["id"] for item in question["profile"]}
-        assert all(item["date"] <= date_of[question["id"]] for item in question["profile"])
+        assert all(item["date"] < question["date"] for item in question["profile"])
 
 
 @needs_chitchat
 def test_chitchat_too_little_history_is_a_clear_error(tmp_path):
     from milp.data.chitchat import load_chitchat_users
 
-    with pytest.raises(MilpError, match="data.min_history=100000: only 0 chitchat users"):
+    with pytest.raises(MilpError, match="data.users.min_history=100000: only 0 of the 0 chitchat"):
         load_chitchat_users(tmp_path, "test", min_history=100000)
 
 
@@ -113,7 +121,7 @@ def test_chitchat_users_run_end_to_end_with_a_tiny_model(milp_cache, tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"] == "chitchat" and metrics["users"] == 2
-    assert metrics["memory"]["examples"] == 6
+    assert metrics["memory"]["examples"] == 20  # 10 queries each
 
 
 @pytest.mark.slow

@@ -6,14 +6,19 @@ reply, oldest first, one turn per line: the user's own turns labelled `You`, the
 others' by their speaker's name. A prompt too long for `max_prompt_tokens` loses its
 oldest lines first (`PromptFormat.turn_separator`), so the partner's last turn, the one
 being answered, is always kept.
+
+A user's queries are held apart from what the user is trained on and from each other
+(`pick_queries`): the converters take history only from other conversations (scenes),
+and space a user's queries in one conversation more than `context_turns` turns apart,
+so no query's prompt shows another query's gold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from milp.data.checks import setting_int
+from milp.data.checks import normalize, setting_int
 
 TURN_SEPARATOR = "\n"
 USER_LABEL = "You"
@@ -52,3 +57,70 @@ def render_context(
         label = USER_LABEL if turn.speaker == user else (other_label or turn.speaker)
         lines.append(f"{label}: {one_line(turn.text)}")
     return TURN_SEPARATOR.join(lines)
+
+
+def turn_texts(context: str, context_turns: int) -> list[str]:
+    """The texts of the turns a context rendered by `render_context` shows, oldest first."""
+    if context_turns == 1:
+        return [context]
+    # Labels (`You`, `Them`, a character's name) never hold ": ", so the first one ends it.
+    return [line.split(": ", 1)[1] for line in context.split(TURN_SEPARATOR)]
+
+
+def _spaced(replies: Iterable[dict], context_turns: int, refused: set[str]) -> list[dict]:
+    kept: list[dict] = []
+    for reply in replies:
+        gold = normalize(reply["text"])
+        if gold in refused or gold in reply["shown"]:
+            continue
+        # A reply `context_turns` turns or fewer after a kept one would show its gold.
+        if kept and reply["turn"] - kept[-1]["turn"] <= context_turns:
+            continue
+        kept.append(reply)
+    return kept
+
+
+def pick_queries(
+    groups: Sequence[Sequence[dict]],
+    wanted: int,
+    min_groups: int,
+    context_turns: int,
+    refused: set[str],
+) -> list[dict] | None:
+    """`wanted` of a user's replies as queries, spread over `groups` (conversations or
+    scenes, each its replies oldest first), or None when they do not hold enough.
+
+    Each reply is a dict with `text`, `context` and `turn` (its position in the
+    conversation or play). A reply is skipped when its gold (compared by `normalize`) is
+    in `refused` (the user's history texts), equals a turn its own prompt or another
+    picked query's prompt shows, or lies within `context_turns` turns after a reply kept
+    in its group. Groups are taken in turn, one reply each round, so the queries come
+    from as many groups as possible; at least `min_groups` must hold one.
+    """
+    queues = []
+    for index, group in enumerate(groups):
+        shown = [
+            {
+                **reply,
+                "group": index,
+                "shown": {normalize(t) for t in turn_texts(reply["context"], context_turns)},
+            }
+            for reply in group
+        ]
+        queues.append(_spaced(shown, context_turns, refused))
+    picked: list[dict] = []
+    while len(picked) < wanted and any(queues):
+        for queue in queues:
+            while queue and len(picked) < wanted:
+                reply = queue.pop(0)
+                gold = normalize(reply["text"])
+                if any(
+                    gold in p["shown"] or normalize(p["text"]) in reply["shown"] for p in picked
+                ):
+                    continue
+                picked.append(reply)
+                break
+    if len(picked) < wanted or len({p["group"] for p in picked}) < min_groups:
+        return None
+    drop = ("group", "shown")
+    return [{k: v for k, v in reply.items() if k not in drop} for reply in picked]

