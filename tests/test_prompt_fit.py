@@ -247,5 +247,5 @@ def test_real_dev_prompts_keep_the_answered_turn(experiment, smollm2_tokenizer, 
             assert len(tokenizer.encode(last)) > room and last.endswith(body)
         else:
             assert body.endswith(last)
-    # Chit-Chat's dev users hold one 462-word turn that no budget of 512 tokens fits.
-    assert len(queries) == 24 and len(cut) == {"chitchat": 1, "shakespeare": 0}[experiment]
+    # Every answered turn of the dev users fits whole (16 x 10 and 11 x 5 queries).
+    assert len(queries) == {"chitchat": 160, "shakespeare": 55}[experiment] and not cut
