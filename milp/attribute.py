@@ -50,7 +50,7 @@ from milp.attribution_stats import (
 )
 from milp.data.datamodule import QueryCollator, UserDataModule
 from milp.data.users import HistoryPair, User
-from milp.errors import MilpError, exit_with
+from milp.errors import MilpError, exit_with, os_fault
 from milp.files import atomic_write_bytes, atomic_write_text
 from milp.inject.answer import gold_nll, gold_targets
 from milp.inject.bank import MemoryBank, memory_targets
@@ -332,7 +332,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint; user errors print as one line."""
     try:
-        run(cfg)
+        try:
+            run(cfg)
+        except OSError as err:  # a run directory that cannot be written (read-only, full)
+            raise os_fault(err) from err
     except MilpError as err:
         exit_with(err)
 

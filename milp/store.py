@@ -13,12 +13,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from milp.data.users import User, user_slug
 from milp.errors import MilpError
 from milp.files import atomic_write_text
+
+
+class WritableRunDir(Callback):
+    """Hydra callback (`hydra.callbacks` in conf/): before Hydra writes its config and log
+    into the run directory, check that files can be created there, so a read-only or
+    misplaced `hydra.run.dir` is one `milp: error:` line (exit 1), not a traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        directory = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            print(
+                f"milp: error: hydra.run.dir={directory}: cannot write there "
+                f"({err.strerror or err})",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 def adapters_root(path: str | Path, key: str) -> Path:
@@ -40,16 +67,23 @@ class RunStore:
     """Reads and writes one run's per-user results under `root`."""
 
     def __init__(self, root: str | Path, fingerprint: str) -> None:
+        """Open `root` for a run with this fingerprint; writes nothing (see `begin`)."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        marker = self.root / "fingerprint.txt"
-        if marker.is_file() and marker.read_text().strip() != fingerprint:
+        self.fingerprint = fingerprint
+        self.marker = self.root / "fingerprint.txt"
+        stored = self.marker.read_text().strip() if self.marker.is_file() else None
+        # A fingerprint without any finished user protects nothing: a run that failed
+        # before its first result must not block the corrected command.
+        if stored not in (None, fingerprint) and any((self.root / "users").glob("*.json")):
             raise MilpError(
                 f"{self.root}: holds results of a different configuration; use a new output "
                 "directory (hydra.run.dir=...) or delete this one"
             )
-        if not marker.is_file():
-            atomic_write_text(marker, fingerprint + "\n")
+
+    def begin(self) -> None:
+        """Record the run's fingerprint, before its first result is written."""
+        if not self.marker.is_file() or self.marker.read_text().strip() != self.fingerprint:
+            atomic_write_text(self.marker, self.fingerprint + "\n")
 
     def adapter_dir(self, user: User) -> Path:
         return self.root / "adapters" / user.slug

@@ -31,7 +31,7 @@ from milp.attribute import (
     train_task_memory,
 )
 from milp.data.datamodule import UserDataModule
-from milp.errors import MilpError, exit_with
+from milp.errors import MilpError, exit_with, os_fault
 from milp.inject import Injector, TrainedUser
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
@@ -39,6 +39,7 @@ from milp.metrics import OBJECTIVE_NAMES
 from milp.models.hf import BaseModel
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
+from milp.settings import check_train_settings
 from milp.shard import current_shard
 from milp.store import RunStore, config_fingerprint
 
@@ -92,6 +93,7 @@ def store_user(
 ) -> dict[str, Any]:
     """Save a finished user's memory, then its result record (written last: the marker
     that the user is done); returns the record."""
+    store.begin()
     if trained.memory is not None:
         info = memory_info(memory, placement) | {"user_id": trained.user.user_id}
         config = adapter_config(memory, placement, base.model)
@@ -129,6 +131,7 @@ def run(cfg: DictConfig) -> float | None:
     # Everything is built and validated before the first user trains.
     FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
     memory: MemoryConfig = build(cfg.memory)
+    check_train_settings(cfg, memory.enabled)
     datamodule: UserDataModule = build(cfg.data)
     base: BaseModel = build(cfg.model)
     datamodule.attach_tokenizer(base.tokenizer)
@@ -143,6 +146,8 @@ def run(cfg: DictConfig) -> float | None:
         )
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
+    for user in datamodule.users:  # every memory.resume_from memory, before training
+        injector.stored_memory(user)
     attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
     task_start = plan_task_start(cfg, datamodule, memory)
 
@@ -175,6 +180,7 @@ def run(cfg: DictConfig) -> float | None:
     if task_start is not None:
         if shard.world_size > 1:
             raise MilpError("memory.init=task runs in one process (train the task memory once)")
+        store.begin()
         directory, info = train_task_memory(
             task_start, injector, base, memory, placement, datamodule.users, Path(output_dir)
         )
@@ -196,19 +202,23 @@ def run(cfg: DictConfig) -> float | None:
     if pruner and pruner.should_stop(done):  # a resumed trial that had stopped already
         todo = []
     progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
-    for index, trained in enumerate(injector.run(todo), start=len(done)):
-        user = trained.user
-        done[user.user_id] = result = store_user(store, trained, memory, placement, base)
-        progress.update()
-        progress.set_postfix_str(f"user {user.user_id}")
-        if logger is not None and result["memory"]:
-            logger.log_metrics({f"user/{k}": v for k, v in result["memory"].items()}, step=index)
-        if shard.is_main:
-            results = [done[u.user_id] for u in users if u.user_id in done]
-            store.write_outputs(results, summary_of(results))
-        if pruner and pruner.should_stop(done):
-            break
-    progress.close()
+    try:
+        for index, trained in enumerate(injector.run(todo), start=len(done)):
+            user = trained.user
+            done[user.user_id] = result = store_user(store, trained, memory, placement, base)
+            progress.update()
+            progress.set_postfix_str(f"user {user.user_id}")
+            if logger is not None and result["memory"]:
+                logger.log_metrics(
+                    {f"user/{k}": v for k, v in result["memory"].items()}, step=index
+                )
+            if shard.is_main:
+                results = [done[u.user_id] for u in users if u.user_id in done]
+                store.write_outputs(results, summary_of(results))
+            if pruner and pruner.should_stop(done):
+                break
+    finally:  # closed before any error line is printed
+        progress.close()
 
     shard.wait_for_all()
     if not shard.is_main:
@@ -252,7 +262,10 @@ def run(cfg: DictConfig) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entrypoint; user errors print as one line (single runs) or fail the trial."""
     try:
-        return run(cfg)
+        try:
+            return run(cfg)
+        except OSError as err:  # a run directory that cannot be written (read-only, full)
+            raise os_fault(err) from err
     except MilpError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed
