@@ -96,7 +96,11 @@ class RunStore:
         return self._result_path(user.user_id).is_file()
 
     def load_result(self, user: User) -> dict[str, Any]:
-        return json.loads(self._result_path(user.user_id).read_text())
+        path = self._result_path(user.user_id)
+        result = json.loads(path.read_text())
+        if result.get("user_id") != user.user_id:  # a name shared by two ids, never reused
+            raise MilpError(f"{path}: holds user {result.get('user_id')!r}, not {user.user_id!r}")
+        return result
 
     def save_result(self, result: dict[str, Any]) -> None:
         atomic_write_text(self._result_path(result["user_id"]), json.dumps(result, indent=1))
