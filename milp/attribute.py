@@ -285,6 +285,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Attribution for a stored run, with the run's own model, data and memory settings."""
     from milp.generate import run_config
     from milp.memory import place_memory
+    from milp.store import run_lock
     from milp.train import build, make_injector
 
     store = Path(cfg.store)
@@ -312,16 +313,17 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     datamodule.attach_tokenizer(base.tokenizer)
     placement = place_memory(memory, base.model)
     injector = make_injector(run_cfg, base, memory, placement, datamodule)
-    summary = attribute(
-        plan,
-        injector=injector,
-        base=base,
-        datamodule=datamodule,
-        memory=memory,
-        placement=placement,
-        users=datamodule.users,
-        run_dir=store,
-    )
+    with run_lock(store):  # it writes into the run: never beside a run still writing there
+        summary = attribute(
+            plan,
+            injector=injector,
+            base=base,
+            datamodule=datamodule,
+            memory=memory,
+            placement=placement,
+            users=datamodule.users,
+            run_dir=store,
+        )
     if summary is not None:
         print(format_attribution(summary))
         print(f"outputs: {store / 'attribution.json'}, {store / 'attribution.png'}")

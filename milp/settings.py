@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from milp.data.checks import setting_number
 from milp.errors import MilpError
+from milp.memory import MemoryConfig
 
 # Longest answer a run may ask for: past it, one greedy answer of the tiny model takes
 # minutes and the reference models' context windows are exceeded anyway.
@@ -40,13 +41,20 @@ def check_generation(generation: Any, key: str = "generation") -> None:
         setting_number(f"{key}.top_k", settings["top_k"], 0, integer=True)
 
 
-def check_train_settings(cfg: DictConfig, memory_enabled: bool) -> None:
+def check_train_settings(cfg: DictConfig, memory: MemoryConfig) -> None:
     """`seed`, `optim.*`, `trainer.*` epochs and steps, `generation.*`, `retrieval.k` and
     the injector's batch of users; a memory method must train (`max_epochs=0` would
     report untrained modules as memory injection)."""
+    memory_enabled = memory.enabled
     setting_number("seed", cfg.seed, 0, 2**32 - 1, integer=True)
     optim = _plain(cfg.optim)
-    setting_number("optim.lr", optim.get("lr"), 0, above_minimum=True)
+    lr = setting_number("optim.lr", optim.get("lr"), 0)
+    starts_trained = memory.init == "task" or memory.resume_from is not None
+    if lr == 0 and memory_enabled and not starts_trained:
+        raise MilpError(
+            "optim.lr=0 leaves fresh memory untrained; it is meaningful only where a memory "
+            "starts trained (memory.init=task, memory.resume_from)"
+        )
     setting_number("optim.weight_decay", optim.get("weight_decay", 0.0), 0)
     setting_number("optim.warmup_steps", optim.get("warmup_steps", 0), 0, integer=True)
     trainer = _plain(cfg.trainer)

@@ -11,11 +11,14 @@ finished users intact, and a re-run with the same directory skips them.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,47 @@ def adapters_root(path: str | Path, key: str) -> Path:
 def config_fingerprint(config: dict[str, Any]) -> str:
     """A short hash of the settings that decide a user's results."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+LOCK_FILE = "run.lock"
+
+
+def _take(path: Path, mode: int, root: Path) -> int:
+    """`mode` (LOCK_EX or LOCK_SH) on `path` without waiting, then our pid in the file;
+    refused with the holder's pid. The kernel drops the lock when its process ends, so
+    the file of a killed run blocks nothing."""
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(handle)
+        raise MilpError(
+            f"{root}: another milp run (pid {holder}) is writing to this run directory; "
+            "wait for it to end or use another hydra.run.dir"
+        ) from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+    return handle
+
+
+@contextmanager
+def run_lock(root: str | Path, rank: int = 0, world_size: int = 1) -> Iterator[None]:
+    """Hold the run directory for one run: `run.lock` exclusively (`fcntl.flock`), or,
+    for the processes of one distributed run, shared, plus `run.lock.<rank>` exclusively
+    (so a second launch is refused at its first rank and a single process at any)."""
+    root = Path(root)
+    handles = []
+    try:
+        if world_size > 1:
+            handles.append(_take(root / LOCK_FILE, fcntl.LOCK_SH, root))
+            handles.append(_take(root / f"{LOCK_FILE}.{rank}", fcntl.LOCK_EX, root))
+        else:
+            handles.append(_take(root / LOCK_FILE, fcntl.LOCK_EX, root))
+        yield
+    finally:
+        for handle in handles:
+            os.close(handle)  # closing the last descriptor releases the lock
 
 
 class RunStore:

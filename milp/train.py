@@ -11,6 +11,7 @@ memory: the zero-shot baseline.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
 from milp.settings import check_train_settings
 from milp.shard import current_shard
-from milp.store import RunStore, config_fingerprint
+from milp.store import RunStore, config_fingerprint, run_lock
 
 log = logging.getLogger("milp")
 
@@ -123,15 +124,16 @@ def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryC
         raise MilpError(f"memory.init=task: {err}") from None
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Run memory injection over all users of the split; return the objective."""
+def run(cfg: DictConfig, held: ExitStack) -> float | None:
+    """Run memory injection over all users of the split; return the objective. The run
+    directory's lock is entered on `held`, which the caller closes when the run ends."""
     output_dir = HydraConfig.get().runtime.output_dir
     if cfg.objective not in OBJECTIVE_NAMES:
         raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
     # Everything is built and validated before the first user trains.
     FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
     memory: MemoryConfig = build(cfg.memory)
-    check_train_settings(cfg, memory.enabled)
+    check_train_settings(cfg, memory)
     datamodule: UserDataModule = build(cfg.data)
     base: BaseModel = build(cfg.model)
     datamodule.attach_tokenizer(base.tokenizer)
@@ -157,9 +159,10 @@ def run(cfg: DictConfig) -> float | None:
     if task_start is not None:  # the task memory decides where users start
         fingerprint_cfg["task_start_items"] = task_start.task_items
         fingerprint_cfg["task_start_lr"] = task_start.task_lr
-    store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()
+    held.enter_context(run_lock(output_dir, shard.rank, shard.world_size))  # first write
+    store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     shard.pin_device(cfg)
     logger = instantiate(cfg.logger) if cfg.get("logger") and shard.is_main else None
     if logger is not None:
@@ -263,7 +266,8 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entrypoint; user errors print as one line (single runs) or fail the trial."""
     try:
         try:
-            return run(cfg)
+            with ExitStack() as held:
+                return run(cfg, held)
         except OSError as err:  # a run directory that cannot be written (read-only, full)
             raise os_fault(err) from err
     except MilpError as err:

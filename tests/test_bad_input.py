@@ -427,10 +427,10 @@ ROWS = [
     *(
         (f"setting-{re.sub('[^a-z0-9_.-]', '-', override)}", jsonl_case(None, override), message)
         for override, message in [
-            ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
-            ("optim.lr=nan", "optim.lr must be a number > 0, got nan"),
-            ("optim.lr=inf", "optim.lr must be a number > 0, got inf"),
-            ("optim.lr=0", "optim.lr must be a number > 0, got 0"),
+            ("optim.lr=-1", "optim.lr must be a number >= 0, got -1"),
+            ("optim.lr=nan", "optim.lr must be a number >= 0, got nan"),
+            ("optim.lr=inf", "optim.lr must be a number >= 0, got inf"),
+            ("optim.lr=0", "optim.lr=0 leaves fresh memory untrained"),
             ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0, got -0.1"),
             ("optim.warmup_steps=1.5", "optim.warmup_steps must be an integer >= 0, got 1.5"),
             ("memory.alpha=nan", "memory.alpha must be a number > 0, got nan"),
