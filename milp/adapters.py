@@ -105,11 +105,32 @@ def bank_module_states(
 
 
 def memory_names(directory: str | Path) -> list[str]:
-    """The names of a saved memory's modules, from its index."""
-    index = Path(directory) / MEMORY_INDEX
+    """The names of a saved memory's modules, from its index, each checked to have its
+    peft config and safetensors weights (a pickled `adapter_model.bin`, which peft
+    would fall back to, is refused: loading it could run code)."""
+    directory = Path(directory)
+    index = directory / MEMORY_INDEX
     if not index.is_file():
         raise MilpError(f"{directory}: not a saved memory (no {MEMORY_INDEX})")
-    return json.loads(index.read_text())["adapters"]
+    try:
+        names = json.loads(index.read_text())["adapters"]
+    except (ValueError, KeyError, TypeError):
+        raise MilpError(f"{index}: not a memory index (no 'adapters' list)") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MilpError(f"{index}: not a memory index (no 'adapters' list)")
+    for name in names:
+        module = directory / name
+        if not (module / WEIGHTS_FILE).is_file():
+            pickled = sorted(p.name for p in module.glob("*.bin"))
+            refused = (
+                f"; {pickled[0]} is refused, milp loads adapter weights from safetensors only"
+                if pickled
+                else ""
+            )
+            raise MilpError(f"{module}: no {WEIGHTS_FILE}{refused}")
+        if not (module / CONFIG_FILE).is_file():
+            raise MilpError(f"{module}: no {CONFIG_FILE}")
+    return names
 
 
 def load_memory(model: nn.Module, directory: str | Path, trainable: bool = False) -> PeftModel:
@@ -195,6 +216,10 @@ def find_memory(
                 f"memory.resume_from: {directory} has {key}={found[key]}, this run has "
                 f"{key}={value}; a memory can only continue with the same shape"
             )
+    try:
+        memory_names(directory)
+    except MilpError as err:
+        raise MilpError(f"memory.resume_from: {err}") from None
     return directory
 
 

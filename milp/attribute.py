@@ -50,7 +50,7 @@ from milp.attribution_stats import (
 )
 from milp.data.datamodule import QueryCollator, UserDataModule
 from milp.data.users import HistoryPair, User
-from milp.errors import MilpError, exit_with
+from milp.errors import MilpError, exit_with, os_fault
 from milp.files import atomic_write_bytes, atomic_write_text
 from milp.inject.answer import gold_nll, gold_targets
 from milp.inject.bank import MemoryBank, memory_targets
@@ -291,6 +291,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Attribution for a stored run, with the run's own model, data and memory settings."""
     from milp.generate import run_config
     from milp.memory import place_memory
+    from milp.store import run_lock
     from milp.train import build, make_injector
 
     store = Path(cfg.store)
@@ -318,16 +319,17 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     datamodule.attach_tokenizer(base.tokenizer)
     placement = place_memory(memory, base.model)
     injector = make_injector(run_cfg, base, memory, placement, datamodule)
-    summary = attribute(
-        plan,
-        injector=injector,
-        base=base,
-        datamodule=datamodule,
-        memory=memory,
-        placement=placement,
-        users=datamodule.users,
-        run_dir=store,
-    )
+    with run_lock(store):  # it writes into the run: never beside a run still writing there
+        summary = attribute(
+            plan,
+            injector=injector,
+            base=base,
+            datamodule=datamodule,
+            memory=memory,
+            placement=placement,
+            users=datamodule.users,
+            run_dir=store,
+        )
     if summary is not None:
         print(format_attribution(summary))
         print(f"outputs: {store / 'attribution.json'}, {store / 'attribution.png'}")
@@ -338,7 +340,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint; user errors print as one line."""
     try:
-        run(cfg)
+        try:
+            run(cfg)
+        except OSError as err:  # a run directory that cannot be written (read-only, full)
+            raise os_fault(err) from err
     except MilpError as err:
         exit_with(err)
 

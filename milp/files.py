@@ -15,6 +15,31 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _name(err: BaseException, path: Path) -> None:
+    """Let an OS error that names no file (a full disk on write) name the one written."""
+    if isinstance(err, OSError) and not err.filename:
+        err.filename = str(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _publishable(path: Path, directory: bool = False) -> None:
+    """Give a temporary file or folder, and a folder's contents (some writers, such as
+    safetensors, make their files private), the mode a plainly created one would have."""
+    mask = _umask()
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    if directory:
+        for parent, folders, files in os.walk(path):
+            for name in folders:
+                os.chmod(os.path.join(parent, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(parent, name), 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a mix."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -30,9 +55,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        _publishable(Path(temporary))
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         Path(temporary).unlink(missing_ok=True)
+        _name(err, path)
         raise
 
 
@@ -48,6 +75,7 @@ def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
         yield staging
+        _publishable(staging, directory=True)
         try:
             os.rename(staging, directory)
         except OSError:
@@ -69,6 +97,7 @@ def replace_dir(directory: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
         yield staging
+        _publishable(staging, directory=True)
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
             os.rename(directory, old / "x")
@@ -76,5 +105,8 @@ def replace_dir(directory: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, directory)
+    except OSError as err:
+        _name(err, directory)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

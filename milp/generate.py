@@ -35,13 +35,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
 from milp.adapters import load_memory, merged_adapter, read_bank_weights, stored_memory_config
+from milp.data.checks import setting_number
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
-from milp.errors import MilpError, exit_with
+from milp.errors import MilpError, exit_with, os_fault
 from milp.files import atomic_write_text
 from milp.inject.answer import generate_answers
 from milp.inject.bank import MemoryBank, memory_targets
 from milp.memory import remove_memory
+from milp.settings import check_generation
 from milp.store import adapters_root
 
 log = logging.getLogger("milp")
@@ -233,6 +235,9 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
                 settings[key] = cfg[key]
             if not cfg.generation_from_run or "generation" not in source:
                 settings.generation = cfg.generation
+    check_generation(settings.generation)
+    for key in ("users_per_batch", "batch_size"):
+        setting_number(key, settings[key], 1, integer=True)
     base = instantiate(settings.model)
     if settings.device:
         base.model.to(settings.device)
@@ -311,7 +316,10 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        serve(cfg)
+        try:
+            serve(cfg)
+        except OSError as err:  # an answers file that cannot be written (read-only, full)
+            raise os_fault(err) from err
     except MilpError as err:
         exit_with(err)
 

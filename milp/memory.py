@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from milp.data.checks import setting_number
 from milp.errors import MilpError
 
 LAYER_PRESETS = ("all", "top_half", "bottom_half", "every_other")
@@ -69,6 +70,9 @@ MODULE_FAMILIES = {
     ),
 }
 MEMORY_PREFIX = "memory_"
+# The most memory modules per user: every module is a separate peft adapter, run one
+# after another in every forward pass, so 1000 modules take minutes for a 3-item user.
+MAX_NUM_LORAS = 64
 MEMORY_INITS = ("fresh", "task")
 
 
@@ -97,7 +101,10 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig objects; plain lists keep the config serializable.
         if not isinstance(self.layers, str):
-            self.layers = [int(i) for i in self.layers]
+            self.layers = [
+                setting_number(f"memory.layers[{i}]", layer, 0, integer=True)
+                for i, layer in enumerate(self.layers)
+            ]
         if isinstance(self.target_modules, str):  # alias: "ffn", "attention", "ffn+attention"
             self.target_modules = [m.strip() for m in self.target_modules.split("+")]
             if not all(self.target_modules):
@@ -120,13 +127,14 @@ class MemoryConfig:
                 raise MilpError(f"memory.window_length must be >= 1, got {self.window_length}")
             if self.window_start is None:
                 raise MilpError("memory.window_length is set but memory.window_start is not")
-        if int(self.num_loras) != self.num_loras or self.num_loras < 0:
-            raise MilpError(f"memory.num_loras must be an integer >= 0, got {self.num_loras}")
-        if self.num_loras and self.rank < 1:
-            raise MilpError(f"memory.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise MilpError(f"memory.alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
+        self.num_loras = setting_number(
+            "memory.num_loras", self.num_loras, 0, MAX_NUM_LORAS, integer=True
+        )
+        if self.num_loras:
+            self.rank = setting_number("memory.rank", self.rank, 1, integer=True)
+        self.alpha = setting_number("memory.alpha", self.alpha, 0, above_minimum=True)
+        self.dropout = setting_number("memory.dropout", self.dropout, 0, 1)
+        if self.dropout == 1:
             raise MilpError(f"memory.dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             raise MilpError(
@@ -253,7 +261,7 @@ def place_memory(config: MemoryConfig, model: nn.Module) -> MemoryPlacement:
     """Validate a memory config against a model, before any training starts."""
     pattern, stack = find_layer_stack(model)
     window = config.window
-    return MemoryPlacement(
+    placement = MemoryPlacement(
         layers=(
             resolve_layers(config.layers, len(stack))
             if window is None
@@ -262,6 +270,18 @@ def place_memory(config: MemoryConfig, model: nn.Module) -> MemoryPlacement:
         modules=resolve_target_modules(stack[0], config.target_modules),
         layers_pattern=pattern,
     )
+    # A rank above a module's narrower side adds parameters but no expressiveness.
+    for path, module in stack[0].named_modules():
+        if isinstance(module, nn.Linear) and any(
+            path == m or path.endswith("." + m) for m in placement.modules
+        ):
+            width = min(module.in_features, module.out_features)
+            if config.rank > width:
+                raise MilpError(
+                    f"memory.rank={config.rank} is above the width of {path} "
+                    f"({module.in_features} x {module.out_features}); at most {width}"
+                )
+    return placement
 
 
 def lora_config(config: MemoryConfig, placement: MemoryPlacement) -> LoraConfig:

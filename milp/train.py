@@ -11,6 +11,7 @@ memory: the zero-shot baseline.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from milp.attribute import (
 )
 from milp.data.controls import check_history_of, pooled_histories, swapped_histories
 from milp.data.datamodule import UserDataModule
-from milp.errors import MilpError, exit_with
+from milp.errors import MilpError, exit_with, os_fault
 from milp.inject import Injector, TrainedUser
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
@@ -42,8 +43,9 @@ from milp.metrics import OBJECTIVE_NAMES
 from milp.models.hf import BaseModel
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
+from milp.settings import check_train_settings
 from milp.shard import current_shard
-from milp.store import RunStore, config_fingerprint
+from milp.store import RunStore, config_fingerprint, run_lock
 
 log = logging.getLogger("milp")
 
@@ -95,6 +97,7 @@ def store_user(
 ) -> dict[str, Any]:
     """Save a finished user's memory, then its result record (written last: the marker
     that the user is done); returns the record."""
+    store.begin()
     if trained.memory is not None:
         info = memory_info(memory, placement) | {"user_id": trained.user.user_id}
         config = adapter_config(memory, placement, base.model)
@@ -148,14 +151,16 @@ def assign_histories(cfg: DictConfig, datamodule: UserDataModule, history_of: st
         datamodule.users = pooled_histories(datamodule.users, items, skip)
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Run memory injection over all users of the split; return the objective."""
+def run(cfg: DictConfig, held: ExitStack) -> float | None:
+    """Run memory injection over all users of the split; return the objective. The run
+    directory's lock is entered on `held`, which the caller closes when the run ends."""
     output_dir = HydraConfig.get().runtime.output_dir
     if cfg.objective not in OBJECTIVE_NAMES:
         raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
     # Everything is built and validated before the first user trains.
     FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
     memory: MemoryConfig = build(cfg.memory)
+    check_train_settings(cfg, memory)
     history_of = check_history_of(cfg.get("history_of", "own"))
     if history_of != "own" and not memory.enabled:
         raise MilpError(f"history_of={history_of}: a control of the memory needs a memory")
@@ -174,6 +179,8 @@ def run(cfg: DictConfig) -> float | None:
         )
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
+    for user in datamodule.users:  # every memory.resume_from memory, before training
+        injector.stored_memory(user)
     attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
     if attribution is not None and history_of != "own":
         raise MilpError(
@@ -188,9 +195,10 @@ def run(cfg: DictConfig) -> float | None:
     if task_start is not None:  # the task memory decides where users start
         fingerprint_cfg["task_start_items"] = task_start.task_items
         fingerprint_cfg["task_start_lr"] = task_start.task_lr
-    store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()
+    held.enter_context(run_lock(output_dir, shard.rank, shard.world_size))  # first write
+    store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
     shard.pin_device(cfg)
     logger = instantiate(cfg.logger) if cfg.get("logger") and shard.is_main else None
     if logger is not None:
@@ -212,6 +220,7 @@ def run(cfg: DictConfig) -> float | None:
     if task_start is not None:
         if shard.world_size > 1:
             raise MilpError("memory.init=task runs in one process (train the task memory once)")
+        store.begin()
         directory, info = train_task_memory(
             task_start, injector, base, memory, placement, datamodule.users, Path(output_dir)
         )
@@ -233,19 +242,23 @@ def run(cfg: DictConfig) -> float | None:
     if pruner and pruner.should_stop(done):  # a resumed trial that had stopped already
         todo = []
     progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
-    for index, trained in enumerate(injector.run(todo), start=len(done)):
-        user = trained.user
-        done[user.user_id] = result = store_user(store, trained, memory, placement, base)
-        progress.update()
-        progress.set_postfix_str(f"user {user.user_id}")
-        if logger is not None and result["memory"]:
-            logger.log_metrics({f"user/{k}": v for k, v in result["memory"].items()}, step=index)
-        if shard.is_main:
-            results = [done[u.user_id] for u in users if u.user_id in done]
-            store.write_outputs(results, summary_of(results))
-        if pruner and pruner.should_stop(done):
-            break
-    progress.close()
+    try:
+        for index, trained in enumerate(injector.run(todo), start=len(done)):
+            user = trained.user
+            done[user.user_id] = result = store_user(store, trained, memory, placement, base)
+            progress.update()
+            progress.set_postfix_str(f"user {user.user_id}")
+            if logger is not None and result["memory"]:
+                logger.log_metrics(
+                    {f"user/{k}": v for k, v in result["memory"].items()}, step=index
+                )
+            if shard.is_main:
+                results = [done[u.user_id] for u in users if u.user_id in done]
+                store.write_outputs(results, summary_of(results))
+            if pruner and pruner.should_stop(done):
+                break
+    finally:  # closed before any error line is printed
+        progress.close()
 
     shard.wait_for_all()
     if not shard.is_main:
@@ -289,7 +302,11 @@ def run(cfg: DictConfig) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entrypoint; user errors print as one line (single runs) or fail the trial."""
     try:
-        return run(cfg)
+        try:
+            with ExitStack() as held:
+                return run(cfg, held)
+        except OSError as err:  # a run directory that cannot be written (read-only, full)
+            raise os_fault(err) from err
     except MilpError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed

@@ -10,13 +10,15 @@ fails on the model's message instead of its own.
 
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, milp_env
+from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env
 
 from milp.data.datamodule import UserDataModule
 from milp.data.history import load_history_users
@@ -122,7 +124,8 @@ def jsonl_case(mutate: Callable[[list], None] | None, *overrides: str, raw: byte
             path.write_bytes(raw)
         else:
             users = copy.deepcopy(USERS)
-            mutate(users)
+            if mutate is not None:
+                mutate(users)
             write_jsonl(path, users)
         return ["data=history", f"data.path={path}", *overrides]
 
@@ -317,6 +320,77 @@ ROWS = [
         jsonl_case(None, raw=b"\n\n"),
         "users.jsonl: no users in file",
     ),
+    (
+        "jsonl-duplicate-key",
+        jsonl_case(
+            None,
+            raw=b'{"user_id": "alice", "history": [{"prompt": "a", "response": "b"}],'
+            b' "history": [{"prompt": "c", "response": "d"}], "queries": [{"prompt": "x"}]}\n',
+        ),
+        "users.jsonl: line 1: duplicate key 'history' in one object",
+    ),
+    (
+        "jsonl-misspelled-history",
+        jsonl_case(lambda u: u[1].update(histroy=u[1]["history"])),
+        "users.jsonl: line 2: unknown key 'histroy' (a user has user_id, history, queries)",
+    ),
+    (
+        "jsonl-misspelled-response",
+        jsonl_case(lambda u: setitem(u[0]["history"][0], "responce", "x")),
+        "users.jsonl: line 1: history[0]: unknown key 'responce' (a history item has prompt, "
+        "response)",
+    ),
+    (
+        "jsonl-answer-instead-of-response",
+        jsonl_case(lambda u: setitem(u[1]["queries"][1], "answer", "Yes.")),
+        "users.jsonl: line 2: queries[1]: unknown key 'answer' (a queries item has id, prompt, "
+        "response)",
+    ),
+    (
+        "jsonl-lone-surrogate-user-id",
+        jsonl_case(lambda u: setitem(u[1], "user_id", "bob\ud800")),
+        "users.jsonl: line 2: 'user_id' holds a lone surrogate ('\\ud800' at character 3)",
+    ),
+    (
+        "jsonl-lone-surrogate-response",
+        jsonl_case(lambda u: setitem(u[0]["history"][0], "response", "\udfff!")),
+        "users.jsonl: line 1: history[0]: 'response' holds a lone surrogate",
+    ),
+    (
+        "jsonl-huge-integer-id",
+        jsonl_case(
+            None,
+            raw=b'{"user_id": ' + b"9" * 5000 + b', "history": [{"prompt": "p", "response": '
+            b'"r"}], "queries": [{"prompt": "x"}]}\n',
+        ),
+        "users.jsonl: line 1: an integer of 5000 digits (at most 4300)",
+    ),
+    (
+        "jsonl-deep-nesting",
+        jsonl_case(
+            None,
+            raw=b'{"user_id": "a", "history": [{"prompt": "p", "response": "r"}], "queries": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}\n",
+        ),
+        "users.jsonl: line 1: nested too deeply to parse",
+    ),
+    (
+        "lamp-duplicate-key",
+        lamp_bytes_case("dev_questions.json", b'"input": ', b'"input": "x",\n "input": '),
+        "dev_questions.json: line 2: duplicate key 'input' in one object",
+    ),
+    (
+        "lamp-misspelled-user-id",
+        lamp_case(lambda q, g: q[1].update(userid=q[1].pop("user_id"))),
+        "record 1 (id='q2'): unknown key 'userid' (a question has id, user_id, input, profile)",
+    ),
+    (
+        "lamp-misspelled-output",
+        lamp_case(lambda q, g: setitem(g["golds"][1], "outputs", "Snow")),
+        "dev_outputs.json: gold 1 (id='q2'): unknown key 'outputs' (a gold has id, output)",
+    ),
     # --- data settings shared by every source -----------------------------------
     (
         "batch-size-0",
@@ -348,6 +422,43 @@ ROWS = [
         "fast-path-negative-cache",
         jsonl_case(lambda u: None, "injection.fast.prefix_cache_mib=-1"),
         "injection.fast.prefix_cache_mib must be >= 0",
+    ),
+    # --- run settings: NaN, infinite, negative, fractional, too large -------------
+    *(
+        (f"setting-{re.sub('[^a-z0-9_.-]', '-', override)}", jsonl_case(None, override), message)
+        for override, message in [
+            ("optim.lr=-1", "optim.lr must be a number >= 0, got -1"),
+            ("optim.lr=nan", "optim.lr must be a number >= 0, got nan"),
+            ("optim.lr=inf", "optim.lr must be a number >= 0, got inf"),
+            ("optim.lr=0", "optim.lr=0 leaves fresh memory untrained"),
+            ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0, got -0.1"),
+            ("optim.warmup_steps=1.5", "optim.warmup_steps must be an integer >= 0, got 1.5"),
+            ("memory.alpha=nan", "memory.alpha must be a number > 0, got nan"),
+            ("memory.alpha=-16", "memory.alpha must be a number > 0, got -16"),
+            ("memory.dropout=nan", "memory.dropout must be a number in [0, 1], got nan"),
+            ("memory.dropout=1", "memory.dropout must be in [0, 1), got 1"),
+            ("memory.rank=2.5", "memory.rank must be an integer >= 1, got 2.5"),
+            ("memory.rank=inf", "memory.rank must be an integer >= 1, got inf"),
+            ("memory.num_loras=1000", "memory.num_loras must be an integer in [0, 64], got 1000"),
+            ("memory.num_loras=-1", "memory.num_loras must be an integer in [0, 64], got -1"),
+            ("memory.layers=[1.5]", "memory.layers[0] must be an integer >= 0, got 1.5"),
+            ("memory.layers=[true]", "memory.layers[0] must be an integer >= 0, got True"),
+            ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
+            ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer >= 0, got 2.5"),
+            ("+trainer.max_steps=0", "trainer.max_steps must be an integer >= 1, got 0"),
+            ("trainer.gradient_clip_val=nan", "trainer.gradient_clip_val must be a number >= 0"),
+            ("generation.max_new_tokens=0", "generation.max_new_tokens must be an integer in "),
+            ("generation.max_new_tokens=1e9", "generation.max_new_tokens must be an integer in "),
+            ("generation.num_beams=0", "generation.num_beams must be an integer in [1, 64]"),
+            ("retrieval.k=-1", "retrieval.k must be an integer >= 0, got -1"),
+            ("seed=-1", "seed must be an integer in [0, 4294967295], got -1"),
+            ("seed=nan", "seed must be an integer in [0, 4294967295], got nan"),
+        ]
+    ),
+    (
+        "setting-users-per-batch-0",
+        jsonl_case(lambda u: None, "injection=batched", "injection.users_per_batch=0"),
+        "injection.users_per_batch must be an integer >= 1, got 0",
     ),
     (
         "synthetic-max-users-0",
@@ -515,3 +626,116 @@ def test_bad_input_in_a_real_process(make_args, message, tmp_path):
     )
     assert_one_line_error(result.returncode, result.stderr, message, run_dir)
     assert not (tmp_path / "cache").exists()
+
+
+# Rows refused once the model is known (a bound that depends on its width) or where the
+# refused thing is a stored memory: the tiny model is built, and still nothing is written.
+MODEL = [*TINY_MODEL_OVERRIDES, "logger=none", "callbacks=none", "trainer.max_epochs=1"]
+
+
+def pickled_memory(tmp: Path) -> list[str]:
+    """A run to continue (`memory.resume_from`) whose memory has peft's pickle fallback,
+    `adapter_model.bin`, instead of safetensors."""
+    module = tmp / "earlier" / "adapters" / "alice" / "memory_0"
+    module.mkdir(parents=True)
+    (module.parent / "memory.json").write_text(json.dumps({"adapters": ["memory_0"]}))
+    (module / "adapter_config.json").write_text("{}")
+    (module / "adapter_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    return [*jsonl_case(None, "memory.num_loras=1")(tmp), f"memory.resume_from={tmp / 'earlier'}"]
+
+
+MODEL_ROWS = [
+    (
+        "rank-above-width",
+        jsonl_case(None, "memory.rank=1e9"),
+        "memory.rank=1000000000 is above the width of mlp.gate_proj (64 x 128); at most 64",
+    ),
+    (
+        "pickled-adapter",
+        pickled_memory,
+        "alice/memory_0: no adapter_model.safetensors; adapter_model.bin is refused, milp loads "
+        "adapter weights from safetensors only",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def model_table(tmp_path_factory, milp_cache) -> dict[str, tuple[dict, Path]]:
+    root = tmp_path_factory.mktemp("bad-input-model")
+    runs, run_dirs = [], {}
+    for row_id, make_args, _ in MODEL_ROWS:
+        (root / row_id).mkdir()
+        run_dirs[row_id] = root / row_id / "run"
+        runs.append([*MODEL, *make_args(root / row_id), f"hydra.run.dir={run_dirs[row_id]}"])
+    results = run_all(runs, root, milp_cache)
+    return {r[0]: (result, run_dirs[r[0]]) for r, result in zip(MODEL_ROWS, results, strict=True)}
+
+
+@pytest.mark.parametrize(
+    "row_id, message", [(r[0], r[2]) for r in MODEL_ROWS], ids=[r[0] for r in MODEL_ROWS]
+)
+def test_bad_setting_is_one_line_once_the_model_is_known(model_table, row_id, message):
+    result, run_dir = model_table[row_id]
+    assert_last_line_error(result["code"], result["stderr"], message)
+    assert {p.name for p in run_dir.iterdir()} <= HYDRA_ENTRIES, sorted(run_dir.iterdir())
+
+
+def assert_last_line_error(code: int | None, stderr: str, message: str, exit_code: int = 2):
+    """Like `assert_one_line_error` for runs that get as far as loading the model, whose
+    libraries print progress bars and warnings to stderr first: the error is the last
+    line, and nothing is a traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == exit_code and "Traceback" not in stderr, stderr
+    assert lines[-1].startswith("milp: error: ") and message in lines[-1], stderr
+
+
+def in_mount(directory: Path, options: str) -> list[str] | None:
+    """A command prefix that runs a command with a fresh tmpfs (`options`) on `directory`,
+    in a mount namespace of its own; None where this machine does not allow one."""
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs '{directory}'"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        return None
+    script = f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, str(directory)]
+
+
+def unwritable(kind: str, tmp: Path) -> tuple[list[str], Path]:
+    """A command prefix and a run directory that cannot be written for reason `kind`."""
+    if kind == "not-a-directory":
+        (tmp / "file").write_text("a file where the run directory's parent should be")
+        return [], tmp / "file" / "run"
+    run_dir = tmp / "mount" / "run"
+    run_dir.parent.mkdir()
+    if kind == "read-only" and os.geteuid() != 0:
+        run_dir.mkdir()
+        run_dir.chmod(0o555)
+        return [], run_dir
+    prefix = in_mount(run_dir.parent, "ro,size=64k" if kind == "read-only" else "size=24k")
+    if prefix is None:
+        pytest.skip("needs a mount namespace (unshare -m) to make a read-only or full file system")
+    return prefix, run_dir
+
+
+@pytest.mark.parametrize("kind", ["not-a-directory", "read-only", "full"])
+def test_unwritable_run_dir_is_one_line_exit_1(kind, milp_cache, tmp_path):
+    """An environment fault, not bad input: one `milp: error:` line naming the directory
+    or file, exit status 1, no traceback."""
+    prefix, run_dir = unwritable(kind, tmp_path)
+    args = [*MODEL, *jsonl_case(None)(tmp_path), f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(
+        [*prefix, sys.executable, "-m", "milp.train", *args],
+        cwd=ROOT,
+        env=milp_env(milp_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    reason = {
+        "not-a-directory": "Not a directory",
+        "read-only": "Read-only file system" if prefix else "Permission denied",
+        "full": "No space left on device",
+    }[kind]
+    assert_last_line_error(result.returncode, result.stderr, reason, exit_code=1)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -335,7 +336,19 @@ def test_a_users_pairs_are_tokenized_once_across_epochs(tmp_path):
     assert all(sorted(epoch) == expected for epoch in epochs)
 
 
+# Ids that shared a directory under an earlier naming (a readable name plus a CRC-32 that
+# a safe id could spell out, or a CRC shared by two long ids), and a pair equal ignoring
+# case, which one folder on case-insensitive file systems would hold.
+COLLIDING_IDS = ["a/b", "a_b-07f4401c", "u" * 80 + "/3506", "u" * 80 + "/8250000", "Alice", "alice"]
+
+
 def test_user_slug_is_safe_and_unique():
-    assert user_slug("u-1") == "u-1"
+    assert user_slug("u-1") == "u-1" and user_slug("test-u000") == "test-u000"
     assert user_slug("a/b") != user_slug("a_b")
     assert "/" not in user_slug("../../etc")
+    ids = [*COLLIDING_IDS, ".", "..", "", "x-" + "a" * 24, "a" * 81, "ä", "a" * 300]
+    slugs = [user_slug(i) for i in ids]
+    assert len({s.casefold() for s in slugs}) == len(ids), slugs
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", s) and len(s) <= 105 for s in slugs), (
+        slugs
+    )

@@ -1,12 +1,16 @@
 """End-to-end runs of `python -m milp.train` on a tiny real config (model, data, W&B)."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
+from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp, start_milp
 
 from milp.adapters import load_memory
 from milp.models.hf import load_base_model
@@ -83,7 +87,7 @@ def test_wandb_offline_run(milp_cache, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("memory.rank=0", "memory.rank must be >= 1"),
+        ("memory.rank=0", "memory.rank must be an integer >= 1, got 0"),
         ("memory.layers=[0,9]", "memory.layers: layer index 9 is out of range"),
         ("memory.target_modules=[nope]", "memory.target_modules: 'nope'"),
         ("objective=accuracy", "objective: 'accuracy' is not one of"),
@@ -203,3 +207,30 @@ def test_interrupted_run_keeps_finished_users_and_resumes(milp_cache, tmp_path):
     # A different configuration must not silently mix into these results.
     clash = run_milp([*args, "memory.rank=4"], milp_cache, check=False)
     assert clash.returncode == 2 and "different configuration" in clash.stderr
+
+
+def test_run_files_follow_the_umask(milp_cache, tmp_path):
+    """Results are shared as any new file is: the umask decides, not the temporary files
+    (0600) and folders (0700) they are built in."""
+    out = tmp_path / "run"
+    args = [*FAST, "data.users.max_users=1", "trainer.max_epochs=1", "logger=none"]
+    run_milp([*args, f"hydra.run.dir={out}"], milp_cache, preexec_fn=lambda: os.umask(0o002))
+    paths = [p for p in out.rglob("*")]
+    assert any(p.name == "adapter_model.safetensors" for p in paths)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in paths}
+    assert modes == {name: 0o775 if (out / name).is_dir() else 0o664 for name in modes}, modes
+
+
+def test_pretrain_command_builds_or_finds_the_tiny_model(milp_cache, tmp_path):
+    """`make pretrain` runs `python -m milp.models.tiny` as the README documents it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "milp.models.tiny", *TINY_MODEL_OVERRIDES, "hydra.run.dir=."],
+        cwd=tmp_path,  # as from any directory; Hydra writes its files here
+        env=milp_env(milp_cache) | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    model_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert (model_dir / "pretrain.json").is_file() and model_dir.parent == milp_cache / "models"

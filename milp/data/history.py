@@ -18,9 +18,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from milp.data.checks import record_id, record_text, setting_int
+from milp.data.checks import known_keys, parse_json, record_id, record_text, setting_int
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
+
+# The keys each level of a line may have; any other key is refused (a misspelled
+# `response` would leave its query silently unscored).
+USER_KEYS = ("user_id", "history", "queries")
+ITEM_KEYS = {"history": ("prompt", "response"), "queries": ("id", "prompt", "response")}
 
 
 def _items(where: str, items: object, key: str) -> list[dict]:
@@ -29,6 +34,7 @@ def _items(where: str, items: object, key: str) -> list[dict]:
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise MilpError(f"{where}: {key}[{index}] needs a 'prompt' string")
+        known_keys(f"{where}: {key}[{index}]", item, ITEM_KEYS[key], f"{key} item")
         record_text(f"{where}: {key}[{index}]", item["prompt"], "prompt")
     return items
 
@@ -89,11 +95,12 @@ def load_history_users(
             continue
         where = f"{path}: line {line_number}"
         try:
-            record = json.loads(line)
+            record = parse_json(line, where, lines=False)
         except json.JSONDecodeError as err:
             raise MilpError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or "user_id" not in record:
             raise MilpError(f"{where}: missing 'user_id'")
+        known_keys(where, record, USER_KEYS, "user")
         user_id = record_id(where, record["user_id"], "user_id")
         if user_id in seen_users:
             raise MilpError(f"{where}: duplicate user_id {user_id!r}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from milp.data.checks import record_id, record_text, setting_int
+from milp.data.checks import known_keys, parse_json, record_id, record_text, setting_int
 from milp.data.dialogue import TURN_SEPARATOR
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
@@ -100,11 +100,16 @@ def read_json(path: Path) -> Any:
     if text.lstrip().startswith("<"):
         raise MilpError(f"{path}: looks like an HTML page, not JSON (check the download URL)")
     try:
-        return json.loads(text)
+        return parse_json(text, str(path))
     except json.JSONDecodeError as err:
         raise MilpError(
             f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
         ) from None
+
+
+# The keys of a question record. Profile items are left open: besides their task's
+# fields, `id` and `date`, converters keep the source's own fields there.
+QUESTION_KEYS = ("id", "user_id", "input", "profile")
 
 
 def _date_key(item: dict[str, Any]) -> tuple[int, Any]:
@@ -133,6 +138,7 @@ def _check_question(path: Path, index: int, record: Any, task: LampTask) -> str:
         raise MilpError(f"{where}: missing 'id'")
     question_id = record_id(where, record["id"])
     where = f"{path}: record {index} (id={question_id!r})"
+    known_keys(where, record, QUESTION_KEYS, "question")
     if "user_id" in record:
         record_id(where, record["user_id"], "user_id")
     if not isinstance(record.get("input"), str):
@@ -165,6 +171,7 @@ def read_golds(path: Path, task: LampTask) -> dict[str, str]:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise MilpError(f"{path}: expected an object with a 'golds' list")
+    known_keys(str(path), data, ("task", "golds"), "LaMP outputs file")
     file_task = data.get("task")
     if file_task is not None and get_task(file_task).name != task.name:
         raise MilpError(f"{path}: holds golds of task {file_task!r}, but data.task is {task.name}")
@@ -179,6 +186,7 @@ def read_golds(path: Path, task: LampTask) -> dict[str, str]:
             raise MilpError(f"{path}: gold {index} needs 'id' and 'output' (a string)")
         gold_id = record_id(f"{path}: gold {index}", gold["id"])
         where = f"{path}: gold {index} (id={gold_id!r})"
+        known_keys(where, gold, ("id", "output"), "gold")
         if gold_id in golds:
             raise MilpError(f"{where}: duplicate id (also gold {first_index[gold_id]})")
         golds[gold_id] = record_text(where, gold["output"], "output")

@@ -6,6 +6,7 @@ produces the same `User` records, so training and evaluation never see file form
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -62,23 +63,33 @@ class User:
 
     @property
     def slug(self) -> str:
-        """A file-system-safe name for this user, unique for distinct ids."""
+        """A file-system-safe name for this user, unique for distinct ids (`user_slug`)."""
         return user_slug(self.user_id)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Ids kept as their own directory name: lower-case, so that no two differ only in case
+# (one folder on macOS and Windows file systems), and not ending like a hashed name.
+_KEPT = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
+HASH_CHARS = 24  # hex digits of SHA-256 (96 bits) appended to every other id's name
+_HASHED = re.compile(rf"-[0-9a-f]{{{HASH_CHARS}}}")
 
 
 def user_slug(user_id: str) -> str:
-    """Map an opaque user id to a directory name.
+    """Map an opaque user id to a directory name, injectively and case-safely.
 
-    Ids that are already safe are kept as they are; others get their unsafe characters
-    replaced and a checksum appended, so two different ids never share a directory.
+    An id of lower-case letters, digits, `.`, `_`, `-` (up to 80, not ending in `-` and
+    24 hex digits) is its own name. Every other id gets a readable prefix plus `-` and
+    the first 24 hex digits of its SHA-256, so kept and hashed names never meet, two
+    hashed names meet only if 96-bit hashes collide, and names that differ only in case
+    (`Alice`, `alice`) are different names on case-insensitive file systems too.
     """
-    safe = _UNSAFE.sub("_", user_id)[:80]
-    if safe == user_id and safe not in {"", ".", ".."}:
-        return safe
-    return f"{safe}-{zlib.crc32(user_id.encode()):08x}"
+    kept = _KEPT.fullmatch(user_id) and not _HASHED.search(user_id[-HASH_CHARS - 1 :])
+    if kept:
+        return user_id
+    safe = _UNSAFE.sub("_", user_id)[:80].lstrip(".") or "user"  # never a hidden name
+    digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{safe}-{digest[:HASH_CHARS]}"
 
 
 def user_seed(seed: int, user_id: str) -> int:

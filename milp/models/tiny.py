@@ -161,7 +161,7 @@ def load_tiny_model(cache_dir: str, dtype: str = "float32", **spec: object) -> B
     return load_base_model(str(directory), dtype=dtype)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """`python -m milp.models.tiny`: build (or find) the tiny base model and print its path."""
     if cfg.model._target_ != "milp.models.tiny.load_tiny_model":

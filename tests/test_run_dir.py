@@ -1,0 +1,99 @@
+"""The run directory through `python -m milp.train`: one directory per user, whatever the
+ids; one writer at a time; a resume reuses only what still matches its inputs."""
+
+import json
+import time
+from pathlib import Path
+
+from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
+from test_data import COLLIDING_IDS
+
+from milp.data.users import user_slug
+
+SMALL = [
+    *TINY_MODEL_OVERRIDES,
+    "data=history",
+    "trainer.max_epochs=1",
+    "memory.rank=2",
+    "generation.max_new_tokens=4",
+    "compare_without_memory=false",
+    "logger=none",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def write_users(path: Path, ids: list[str]) -> Path:
+    """One JSONL user per id, each with its own history and one scored query."""
+    lines = [
+        {
+            "user_id": user_id,
+            "history": [{"prompt": f"What did you do on day {i}?", "response": f"Went out {i}."}],
+            "queries": [{"id": f"q{i}", "prompt": f"And on day {i + 1}?", "response": "Home."}],
+        }
+        for i, user_id in enumerate(ids)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_ids_that_collided_get_a_directory_each_and_resume_keeps_them_all(milp_cache, tmp_path):
+    data = write_users(tmp_path / "users.jsonl", COLLIDING_IDS)
+    out = tmp_path / "run"
+    args = [*SMALL, f"data.path={data}", f"hydra.run.dir={out}"]
+    run_milp(args, milp_cache)
+    run_milp(args, milp_cache)  # a resume: every user is done, nothing may be lost
+
+    slugs = {user_slug(i) for i in COLLIDING_IDS}
+    assert {p.name for p in (out / "adapters").iterdir()} == slugs
+    assert {p.stem for p in (out / "users").glob("*.json")} == slugs
+    assert len({s.casefold() for s in slugs}) == len(COLLIDING_IDS)
+    for user_id in COLLIDING_IDS:
+        memory = json.loads((out / "adapters" / user_slug(user_id) / "memory.json").read_text())
+        assert memory["user_id"] == user_id
+    predictions = [
+        json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert sorted(p["id"] for p in predictions) == sorted(f"q{i}" for i in range(6))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["users"] == 6 and len(metrics["per_user"]) == 6
+
+
+def test_one_writer_per_run_dir_and_a_killed_writer_blocks_nothing(milp_cache, tmp_path):
+    data = write_users(tmp_path / "users.jsonl", ["u0", "u1", "u2"])
+    out = tmp_path / "run"
+    args = [*SMALL, f"data.path={data}", f"hydra.run.dir={out}"]
+    holding = tmp_path / "holding"
+    # The first run waits inside the second user's training (tests/interrupt_gate.py)
+    # once the first user's result exists: it holds the run directory at a known point.
+    gate = [
+        "+callbacks.gate._target_=interrupt_gate.HoldOnceFileExists",
+        f"+callbacks.gate.after={out}/users/u0.json",
+        f"+callbacks.gate.holding={holding}",
+    ]
+    first = start_milp([*args, *gate], milp_cache, log=tmp_path / "first.log")
+    try:
+        wait_for(holding, first, tmp_path / "first.log")
+        second = run_milp(args, milp_cache, check=False)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert lines[-1] == (
+            f"milp: error: {out}: another milp run (pid {first.pid}) is writing to this run "
+            "directory; wait for it to end or use another hydra.run.dir"
+        )
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the lock file stays behind
+        first.wait()
+    assert (out / "run.lock").read_text().strip() == str(first.pid)
+    stamp = (out / "users" / "u0.json").stat().st_mtime_ns
+    run_milp(args, milp_cache)  # the dead holder's lock blocks nothing
+    assert (out / "users" / "u0.json").stat().st_mtime_ns == stamp  # the finished user kept
+    assert json.loads((out / "metrics.json").read_text())["users"] == 3
+
+
+def wait_for(path: Path, process, log: Path) -> None:
+    """Until `path` exists; fails at once if `process` ends first."""
+    hang_guard = time.monotonic() + 900  # not a timing condition: only stops a hung run
+    while not path.exists() and process.poll() is None and time.monotonic() < hang_guard:
+        time.sleep(0.05)
+    assert path.exists(), f"the run ended before reaching the point:\n{log.read_text()}"
