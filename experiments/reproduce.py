@@ -77,11 +77,13 @@ class Source:
 # batched injector (users trained together; bf16 where the CPU multiplies it). Learning
 # rate and epochs span what a memory continued from the task memory needs (3e-4 was chosen
 # for it on the dev users) up to MiLP's own range; epochs capped to stay within CPU minutes.
+# To fit 2 CPU cores the tuning is cut, never the test users: 5 trials per method
+# (retrieval's whole space of k), each on the first 8 dev users.
 REAL = dict(
     layers=30,
     seeds=(0, 1, 2),
-    budget=6,  # retrieval's whole space is 5 values of k
-    dev_users=None,
+    budget=5,
+    dev_users=8,
     ablations=False,
     space=("trainer.max_epochs=range(2,7)", "optim.lr=tag(log,interval(0.0001,0.01))"),
     methods=("zero_shot", "rag", "oppu", "milp", "milp_rag", "milp_task_ft", "milp_swapped"),

@@ -160,8 +160,9 @@ def check_dev_only(sweep_dir: Path) -> set[str]:
         raise SystemExit(f"reproduce: {sweep_dir} holds a test evaluation; tuning must not")
     users: set[str] = set()
     for trial in read_trials(sweep_dir):
-        job = Path(trial["job_dir"])
-        job = job if job.is_absolute() else ROOT / job
+        # Every job lives in the sweep dir (`<sweep dir>/<trial>`): found there, so a
+        # results folder checked out or copied elsewhere still verifies.
+        job = sweep_dir / Path(trial["job_dir"]).name
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         metrics_file = job / "metrics.json"
         split = json.loads(metrics_file.read_text())["split"] if metrics_file.is_file() else None

@@ -32,6 +32,9 @@ class LampTask:
     name: str
     item_fields: tuple[str, ...]
     to_pair: Callable[[dict[str, Any]], HistoryPair]
+    # Keys a question may carry besides QUESTION_KEYS: where a converted dialogue's query
+    # sits (its conversation or scene, turn and date), so its disjointness can be checked.
+    question_extras: tuple[str, ...] = ()
 
 
 def _headline_pair(item: dict[str, Any]) -> HistoryPair:
@@ -68,8 +71,12 @@ TASKS: dict[str, LampTask] = {
     "LaMP_4": LampTask("LaMP_4", ("text", "title"), _headline_pair),
     "LaMP_5": LampTask("LaMP_5", ("abstract", "title"), _title_pair),
     "LaMP_7": LampTask("LaMP_7", ("text",), _tweet_pair),
-    "chitchat": LampTask("chitchat", ("context", "text"), _reply_pair),
-    "shakespeare": LampTask("shakespeare", ("context", "text"), _reply_pair),
+    "chitchat": LampTask(
+        "chitchat", ("context", "text"), _reply_pair, ("conversation", "turn", "date")
+    ),
+    "shakespeare": LampTask(
+        "shakespeare", ("context", "text"), _reply_pair, ("scene", "turn", "date")
+    ),
 }
 
 
@@ -138,7 +145,7 @@ def _check_question(path: Path, index: int, record: Any, task: LampTask) -> str:
         raise MilpError(f"{where}: missing 'id'")
     question_id = record_id(where, record["id"])
     where = f"{path}: record {index} (id={question_id!r})"
-    known_keys(where, record, QUESTION_KEYS, "question")
+    known_keys(where, record, QUESTION_KEYS + task.question_extras, "question")
     if "user_id" in record:
         record_id(where, record["user_id"], "user_id")
     if not isinstance(record.get("input"), str):
