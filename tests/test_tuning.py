@@ -103,9 +103,9 @@ def test_tuning_spaces_share_milps_ranges_on_dev_without_a_test_evaluation():
     for method, dimensions in expected.items():
         space, objective = tuning.composed_space("lamp", method, [])
         assert set(space) == dimensions and objective == "rougeL", method
-        # milp_rag's k: retrieval's own values.
+        # retrieval's ladder starts at none (k=0, zero-shot); milp_rag's at one item.
         if "retrieval.k" in space:
-            assert space["retrieval.k"] == [1, 2, 4, 8]
+            assert space["retrieval.k"] == ([0] if method == "rag" else []) + [1, 2, 4, 8]
         for key in set(space) & set(milp):
             assert space[key] == milp[key], (method, key)
         sweep = yaml.safe_load(
@@ -121,7 +121,7 @@ def test_small_discrete_spaces_are_enumerated_and_continuous_ones_are_not():
     """A space of choices and integer ranges is a grid (tried whole when it fits the
     budget); the sweeper's own reading of the command line applies."""
     rag, _ = tuning.composed_space("lamp", "rag", [])
-    assert tuning.grid_points(rag, []) == [{"retrieval.k": k} for k in (1, 2, 4, 8)]
+    assert tuning.grid_points(rag, []) == [{"retrieval.k": k} for k in (0, 1, 2, 4, 8)]
     assert tuning.grid_points(rag, ["retrieval.k=choice(1,2)"]) == [
         {"retrieval.k": 1},
         {"retrieval.k": 2},
