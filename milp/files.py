@@ -2,17 +2,72 @@
 
 `atomic_write_text` (`atomic_write_bytes`) for one file, `publish_dir` for a directory
 built once (a cache that parallel processes may race to build), `replace_dir` for a
-directory that replaces an earlier copy (a user's memory saved again).
+directory that replaces an earlier copy (a user's memory saved again). Temporaries are
+named `.tmp-*` (`.old-*` for a copy being replaced), so `remove_leftovers` finds those a
+killed process left. `file_sha256` is the content hash a run directory's checks use.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+TEMP_PREFIXES = (".tmp-", ".old-")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_sha256(paths: Iterable[str | Path], cache: str | Path | None) -> dict[Path, str]:
+    """`file_sha256` of each path, remembered in the JSON file `cache` by (real path, size,
+    modification time), so a large file is read once, not at every run's start."""
+    known: dict[str, str] = {}
+    if cache is not None and Path(cache).is_file():
+        try:
+            known = json.loads(Path(cache).read_text())
+        except ValueError:  # a damaged cache only costs hashing again
+            known = {}
+        known = known if isinstance(known, dict) else {}
+    hashes, added = {}, False
+    for path in map(Path, paths):
+        real = os.path.realpath(path)
+        stat = os.stat(real)
+        key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in known:
+            known[key], added = file_sha256(real), True
+        hashes[path] = known[key]
+    if cache is not None and added:
+        try:
+            atomic_write_text(cache, json.dumps(known, indent=0, sort_keys=True))
+        except OSError:  # a read-only cache only costs hashing again
+            pass
+    return hashes
+
+
+def remove_leftovers(directory: str | Path) -> None:
+    """Delete the temporaries (`.tmp-*`, `.old-*`) a killed writer left in `directory`;
+    only safe while no other process writes there (the run directory's lock)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.startswith(TEMP_PREFIXES):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _name(err: BaseException, path: Path) -> None:
@@ -49,7 +104,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """`atomic_write_text` for binary content (an image)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
