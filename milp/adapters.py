@@ -34,7 +34,7 @@ from torch import nn
 
 from milp.data.users import User
 from milp.errors import MilpError
-from milp.files import file_sha256, replace_dir
+from milp.files import fault_point, file_sha256, replace_dir
 from milp.memory import MEMORY_PREFIX, MemoryConfig, MemoryPlacement, activate_memories, lora_config
 
 if TYPE_CHECKING:  # the bank layout (milp/inject/bank.py), which imports nothing from here
@@ -84,6 +84,7 @@ def save_memory(
             config.save_pretrained(str(staging / name))
             tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(tensors, str(staging / name / WEIGHTS_FILE), {"format": "pt"})
+            fault_point(f"save_memory {name}")
         files = {
             f"{name}/{file}": file_sha256(staging / name / file)
             for name in states

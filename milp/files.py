@@ -5,6 +5,10 @@ built once (a cache that parallel processes may race to build), `replace_dir` fo
 directory that replaces an earlier copy (a user's memory saved again). Temporaries are
 named `.tmp-*` (`.old-*` for a copy being replaced), so `remove_leftovers` finds those a
 killed process left. `file_sha256` is the content hash a run directory's checks use.
+
+`fault_point` marks each step of these writes. It does nothing unless the environment
+names a point (`MILP_TEST_KILL_AT`): the fault-injection test (tests/test_faults.py) then
+kills the process there with SIGKILL, as a power cut or the OOM killer would.
 """
 
 from __future__ import annotations
@@ -13,12 +17,33 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PREFIXES = (".tmp-", ".old-")
+KILL_AT = "MILP_TEST_KILL_AT"  # "N" or "N:prefix": SIGKILL at the Nth (matching) point
+POINT_LOG = "MILP_TEST_POINT_LOG"  # a file each point's name is appended to
+_points_seen = 0
+
+
+def fault_point(name: str) -> None:
+    """A step of a write where a crash must leave the run directory consistent; kills
+    this process here when `MILP_TEST_KILL_AT` selects it (tests only)."""
+    global _points_seen
+    spec, log = os.environ.get(KILL_AT), os.environ.get(POINT_LOG)
+    if log:
+        with open(log, "a") as out:
+            out.write(name + "\n")
+    if not spec:
+        return
+    count, _, prefix = spec.partition(":")
+    if name.startswith(prefix):
+        _points_seen += 1
+        if _points_seen == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -111,6 +136,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             out.flush()
             os.fsync(out.fileno())
         _publishable(Path(temporary))
+        fault_point(f"write {path.name}")
         os.replace(temporary, path)
     except BaseException as err:
         Path(temporary).unlink(missing_ok=True)
@@ -131,6 +157,7 @@ def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
     try:
         yield staging
         _publishable(staging, directory=True)
+        fault_point(f"publish {directory.name}")
         try:
             os.rename(staging, directory)
         except OSError:
@@ -153,9 +180,11 @@ def replace_dir(directory: str | Path) -> Iterator[Path]:
     try:
         yield staging
         _publishable(staging, directory=True)
+        fault_point(f"replace {directory.name}")
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
             os.rename(directory, old / "x")
+            fault_point(f"swap {directory.name}")  # neither copy in place
             os.rename(staging, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
