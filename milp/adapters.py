@@ -7,15 +7,20 @@ A user's memory is a directory of plain peft adapters plus an index:
     <user>/memory_<i>/adapter_config.json        a peft LoraConfig
     <user>/memory_<i>/adapter_model.safetensors  base_model.model.<path>.lora_{A,B}.weight
 
-Each `memory_<i>` loads alone with `PeftModel.from_pretrained`; `load_memory` loads them
-all, active together. Both injectors hand their trained weights over as `ModuleStates`
-(adapter name -> peft state dict): the per-user path takes them from its peft model
-(`peft_module_states`), the batched path from its bank (`bank_module_states`), and
-`save_memory` writes either the same way. Weights are only ever read with safetensors.
+`memory.json` also lists the SHA-256 of every other file (`"files"`), and every reader
+checks them first (`memory_names`): a corrupt or truncated memory is refused with one line
+naming the file, never loaded. Each `memory_<i>` loads alone with
+`PeftModel.from_pretrained`; `load_memory` loads them all, active together. Both
+injectors hand their trained weights over as `ModuleStates` (adapter name -> peft state
+dict): the per-user path takes them from its peft model (`peft_module_states`), the
+batched path from its bank (`bank_module_states`), and `save_memory` writes either the
+same way. Weights are only ever read with safetensors.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -23,12 +28,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from milp.data.users import User
 from milp.errors import MilpError
-from milp.files import replace_dir
+from milp.files import fault_point, file_sha256, replace_dir
 from milp.memory import MEMORY_PREFIX, MemoryConfig, MemoryPlacement, activate_memories, lora_config
 
 if TYPE_CHECKING:  # the bank layout (milp/inject/bank.py), which imports nothing from here
@@ -38,6 +44,7 @@ MEMORY_INDEX = "memory.json"
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+FILES_KEY = "files"  # memory.json: {relative path: SHA-256} of the modules' files
 
 # A user's memory in transit: adapter name -> its peft state dict.
 ModuleStates = dict[str, dict[str, torch.Tensor]]
@@ -63,16 +70,91 @@ def save_memory(
     directory: str | Path, states: ModuleStates, config: LoraConfig, info: dict
 ) -> Path:
     """Write a user's memory, replacing `directory` atomically (a crash while saving
-    leaves the previous copy, if any, as it was)."""
+    leaves the previous copy, if any, as it was). Equal memories are equal bytes: the
+    files' hashes identify the memory."""
+    # peft writes a set (target_modules) in the process's string-hash order: sorted, the
+    # same memory saved by two processes hashes the same.
+    config = copy.copy(config)
+    for key, value in vars(config).items():
+        if isinstance(value, set):
+            setattr(config, key, sorted(value))
     with replace_dir(directory) as staging:
         for name, state in states.items():
             (staging / name).mkdir()
             config.save_pretrained(str(staging / name))
             tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(tensors, str(staging / name / WEIGHTS_FILE), {"format": "pt"})
-        index = {"adapters": list(states)} | info
+            fault_point(f"save_memory {name}")
+        files = {
+            f"{name}/{file}": file_sha256(staging / name / file)
+            for name in states
+            for file in (CONFIG_FILE, WEIGHTS_FILE)
+        }
+        index = {"adapters": list(states)} | info | {FILES_KEY: files}
         (staging / MEMORY_INDEX).write_text(json.dumps(index, indent=2))
     return Path(directory)
+
+
+def _read_index(directory: Path) -> dict:
+    index = directory / MEMORY_INDEX
+    if not index.is_file():
+        raise MilpError(f"{directory}: not a saved memory (no {MEMORY_INDEX})")
+    try:
+        stored = json.loads(index.read_text())
+        names = stored["adapters"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise MilpError(f"{index}: not a memory index (no 'adapters' list)") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MilpError(f"{index}: not a memory index (no 'adapters' list)")
+    files = stored.get(FILES_KEY)
+    if files is not None and (
+        not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values())
+    ):
+        raise MilpError(f"{index}: {FILES_KEY!r} is not a map of file hashes")
+    return stored
+
+
+def _check_hashes(directory: Path, expected: dict[str, str], what: str) -> None:
+    """Each file named in `expected` exists under `directory` with that SHA-256."""
+    for relative, sha256 in sorted(expected.items()):
+        path = directory / relative
+        if not path.is_file():
+            raise MilpError(f"{path}: missing ({what} lists it)")
+        if file_sha256(path) != sha256:
+            raise MilpError(
+                f"{path}: fails its SHA-256 check against {what} (corrupt or truncated)"
+            )
+
+
+def verify_memory(directory: str | Path, recorded: dict[str, str] | None = None) -> dict[str, str]:
+    """Check a saved memory's files against the hashes its index lists and, where given,
+    against `recorded` (a run's result record: memory.json included); returns the SHA-256
+    of each of its files, memory.json included. Raises a one-line `MilpError` naming the
+    first file that is missing or differs."""
+    directory = Path(directory)
+    memory_names(directory)  # the index, and its listed hashes
+    if recorded is not None:
+        _check_hashes(directory, recorded, "the run's record of this user")
+    files = _read_index(directory).get(FILES_KEY) or {}
+    return {MEMORY_INDEX: file_sha256(directory / MEMORY_INDEX)} | files
+
+
+def memory_digest(directory: str | Path) -> str:
+    """One hash of a saved memory's content (its files, checked), as a start memory's
+    identity in a user's inputs."""
+    directory = Path(directory)
+    names = memory_names(directory)  # checked against the hashes it lists
+    files = [MEMORY_INDEX, *(f"{n}/{f}" for n in names for f in (CONFIG_FILE, WEIGHTS_FILE))]
+    hashes = {file: file_sha256(directory / file) for file in files}
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an unreadable file is one line naming it."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise MilpError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def peft_module_states(peft_model: PeftModel) -> ModuleStates:
@@ -107,17 +189,11 @@ def bank_module_states(
 def memory_names(directory: str | Path) -> list[str]:
     """The names of a saved memory's modules, from its index, each checked to have its
     peft config and safetensors weights (a pickled `adapter_model.bin`, which peft
-    would fall back to, is refused: loading it could run code)."""
+    would fall back to, is refused: loading it could run code) and, where the index lists
+    their SHA-256, to match it."""
     directory = Path(directory)
-    index = directory / MEMORY_INDEX
-    if not index.is_file():
-        raise MilpError(f"{directory}: not a saved memory (no {MEMORY_INDEX})")
-    try:
-        names = json.loads(index.read_text())["adapters"]
-    except (ValueError, KeyError, TypeError):
-        raise MilpError(f"{index}: not a memory index (no 'adapters' list)") from None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise MilpError(f"{index}: not a memory index (no 'adapters' list)")
+    stored = _read_index(directory)
+    names = stored["adapters"]
     for name in names:
         module = directory / name
         if not (module / WEIGHTS_FILE).is_file():
@@ -130,6 +206,8 @@ def memory_names(directory: str | Path) -> list[str]:
             raise MilpError(f"{module}: no {WEIGHTS_FILE}{refused}")
         if not (module / CONFIG_FILE).is_file():
             raise MilpError(f"{module}: no {CONFIG_FILE}")
+    if stored.get(FILES_KEY) is not None:
+        _check_hashes(directory, stored[FILES_KEY], MEMORY_INDEX)
     return names
 
 
@@ -169,7 +247,7 @@ def read_bank_weights(
                 f"{directory / name}: rank {config.get('r')} / alpha {config.get('lora_alpha')}"
                 f" differ from memory.rank={r} / memory.alpha={memory.alpha}"
             )
-        state = load_file(directory / name / WEIGHTS_FILE)
+        state = read_weights(directory / name / WEIGHTS_FILE)
         expected = {f"{PEFT_PREFIX}{t.path}.lora_{m}.weight" for t in targets for m in "AB"}
         if set(state) != expected:
             missing = sorted(expected - set(state))
@@ -194,6 +272,10 @@ def find_memory(
     index = directory / MEMORY_INDEX
     if not index.is_file():
         return None
+    try:
+        memory_names(directory)
+    except MilpError as err:
+        raise MilpError(f"memory.resume_from: {err}") from None
     stored = json.loads(index.read_text())
     config = stored.get("config", {})
     wanted = {
@@ -216,10 +298,6 @@ def find_memory(
                 f"memory.resume_from: {directory} has {key}={found[key]}, this run has "
                 f"{key}={value}; a memory can only continue with the same shape"
             )
-    try:
-        memory_names(directory)
-    except MilpError as err:
-        raise MilpError(f"memory.resume_from: {err}") from None
     return directory
 
 
@@ -245,7 +323,7 @@ def merged_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.T
     directory = Path(directory)
     names = memory_names(directory)
     configs = [LoraConfig.from_pretrained(str(directory / n)) for n in names]
-    states = [load_file(directory / n / WEIGHTS_FILE) for n in names]
+    states = [read_weights(directory / n / WEIGHTS_FILE) for n in names]
     first = configs[0]
     for config in configs[1:]:
         if (config.r, config.lora_alpha, set(config.target_modules)) != (

@@ -13,7 +13,8 @@ shared (`milp/attribution_stats.py` says how).
 Memories are served through the routed `MemoryBank` (as `milp.generate engine=routed`),
 one memory at a time over all queries, so equal memories give bit-equal NLLs. Writes
 `attribution.json` (summary and both NLL matrices) and `attribution.png` (heatmap) into
-the run directory, and the task memory, a peft adapter, under `task_memory/`.
+the run directory, and the task memory, a peft adapter, under `task_memory/`. Every
+memory's files are checked against their recorded SHA-256 before it is scored.
 
     python -m milp.attribute store=outputs/2026-01-01/12-00-00 task_memory=true
 """
@@ -34,12 +35,14 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from milp.adapters import (
+    FILES_KEY,
     MEMORY_INDEX,
     adapter_config,
     memory_info,
     read_bank_weights,
     save_memory,
     stored_memory_config,
+    verify_memory,
 )
 from milp.attribution_stats import (
     NO_MEMORY,
@@ -49,12 +52,13 @@ from milp.attribution_stats import (
     summarize_attribution,
 )
 from milp.data.datamodule import QueryCollator, UserDataModule
-from milp.data.users import HistoryPair, User
+from milp.data.users import HistoryPair, User, user_hash
 from milp.errors import MilpError, exit_with, os_fault
 from milp.files import atomic_write_bytes, atomic_write_text
 from milp.inject.answer import gold_nll, gold_targets
 from milp.inject.bank import MemoryBank, memory_targets
 from milp.memory import MemoryConfig, MemoryPlacement
+from milp.store import recorded_memory
 
 log = logging.getLogger("milp")
 TASK_USER = "__task__"  # the pooled train-split user the task memory is trained as
@@ -155,6 +159,24 @@ def task_items(plan: AttributionPlan, users: Sequence[User]) -> int:
     return plan.task_items or max(1, round(np.mean([len(u.history) for u in users])))
 
 
+def reusable_task_memory(directory: Path, info: dict, inputs: dict) -> bool:
+    """Whether the stored task memory was made from `info` and `inputs` and its files
+    all hash as its index lists them; where it exists and cannot be reused, one log line
+    says why it is trained again."""
+    if not (directory / MEMORY_INDEX).is_file():
+        return False
+    try:
+        verify_memory(directory)
+    except MilpError as err:
+        log.warning("task memory: %s; training it again", err)
+        return False
+    stored = json.loads((directory / MEMORY_INDEX).read_text())
+    if stored.get(FILES_KEY) and (stored.get("task"), stored.get("inputs")) == (info, inputs):
+        return True
+    log.info("task memory: %s was made from other inputs; training it again", directory)
+    return False
+
+
 def train_task_memory(
     plan: AttributionPlan,
     injector: Any,
@@ -163,23 +185,25 @@ def train_task_memory(
     placement: MemoryPlacement,
     test_users: Sequence[User],
     run_dir: Path,
+    run_hash: str,
 ) -> tuple[Path, dict]:
     """The task memory, trained by the run's own injector (same trainer, optimizer and
     seeding as the users' memories; learning rate `plan.task_lr` where set) and saved
-    under `run_dir/task_memory`; a stored one made from the same users, items and learning
-    rate is reused. Default size: `test_users`' mean history length, the budget one
-    user's memory gets. It starts from fresh modules (never from the injector's
-    `start_memory`, which may be this very memory)."""
+    under `run_dir/task_memory`; a stored one made from the same users, items, learning
+    rate, pooled data and run (`run_hash`: its configuration and base model,
+    `RunStore.run_hash`), whose files verify, is reused. Default size: `test_users`' mean
+    history length, the budget one user's memory gets. It starts from fresh modules
+    (never from the injector's `start_memory`, which may be this very memory)."""
     items = task_items(plan, test_users)
     history = pooled_history(plan.task_users, items)
     lr = injector.optim["lr"] if plan.task_lr is None else plan.task_lr
     info = {"train_users": [u.user_id for u in plan.task_users], "items": len(history), "lr": lr}
     directory = run_dir / "task_memory"
-    index = directory / MEMORY_INDEX
-    if index.is_file() and json.loads(index.read_text()).get("task") == info:
+    pooled = User(TASK_USER, history, [], [])
+    inputs = {"run": run_hash, "data": user_hash(pooled)}
+    if reusable_task_memory(directory, info, inputs):
         return directory, info
     log.info("task memory: %d items from %d train users", len(history), len(plan.task_users))
-    pooled = User(TASK_USER, history, [], [])
     start, injector.start_memory = injector.start_memory, None
     try:
         with injector.learning_rate(lr):
@@ -189,6 +213,7 @@ def train_task_memory(
     record = memory_info(memory, placement) | {
         "user_id": TASK_USER,
         "task": info,
+        "inputs": inputs,
         "train_loss": trained.train_loss,
         "train_seconds": round(trained.train_seconds, 3),
     }
@@ -254,10 +279,12 @@ def attribute(
     placement: MemoryPlacement | None,
     users: Sequence[User],
     run_dir: str | Path,
+    run_hash: str,
 ) -> dict[str, Any] | None:
     """Score, summarize and write attribution.json / attribution.png into `run_dir`;
     returns the summary (without the matrices), or None where fewer than 2 of `users`
-    have a stored memory and a gold query."""
+    have a stored memory and a gold query. Every memory's files are checked against the
+    run's records first (`run_hash`: see `train_task_memory`)."""
     run_dir = Path(run_dir)
     adapters = run_dir / "adapters"
     scored = [
@@ -268,11 +295,15 @@ def attribute(
     if len(scored) < 2:
         print(f"attribution: skipped ({len(scored)} user(s) with a stored memory and a gold)")
         return None
+    for user in scored:  # a corrupt memory is refused, never scored
+        verify_memory(adapters / user.slug, recorded_memory(adapters, user.user_id))
     memories: dict[str, Path | None] = {u.user_id: adapters / u.slug for u in scored}
     task = None
     if plan.task_users is not None:
         # Sized by all the run's users, as memory.init=task sizes it: the same memory.
-        directory, task = train_task_memory(plan, injector, base, memory, placement, users, run_dir)
+        directory, task = train_task_memory(
+            plan, injector, base, memory, placement, users, run_dir, run_hash
+        )
         memories[TASK_MEMORY] = directory
     memories[NO_MEMORY] = None
     batch_size = plan.batch_size or datamodule.eval_batch_size
@@ -291,7 +322,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Attribution for a stored run, with the run's own model, data and memory settings."""
     from milp.generate import run_config
     from milp.memory import place_memory
-    from milp.store import run_lock
+    from milp.models.hf import model_identity
+    from milp.store import RunStore, run_lock
     from milp.train import build, make_injector
 
     store = Path(cfg.store)
@@ -320,6 +352,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     placement = place_memory(memory, base.model)
     injector = make_injector(run_cfg, base, memory, placement, datamodule)
     with run_lock(store):  # it writes into the run: never beside a run still writing there
+        run_hash = RunStore.reopen(store, model_identity(base, cfg.paths.cache_dir)).run_hash
         summary = attribute(
             plan,
             injector=injector,
@@ -329,6 +362,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             placement=placement,
             users=datamodule.users,
             run_dir=store,
+            run_hash=run_hash,
         )
     if summary is not None:
         print(format_attribution(summary))

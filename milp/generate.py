@@ -8,6 +8,9 @@ mixed-adapter batches: peft's `adapter_names=[...]` gives every row its own user
 adapter, in inference mode. Users without a stored memory are answered by the base
 model (`__base__`). `engine=routed` runs the same mixed batches through milp's own
 stacked memories (`milp.inject.bank.MemoryBank`) instead of peft's per-adapter loop.
+Before any answer, every memory to load is checked: its files against the SHA-256 its
+`memory.json` and the run's result record list; a corrupt or truncated one is refused
+with one line naming the file.
 
 Queries come from the run's own data (its `.hydra/config.yaml`: model, data, split,
 prompt format, decoding), or from `queries=file.jsonl` (`{"user_id", "prompt", "id"?}`
@@ -34,7 +37,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-from milp.adapters import load_memory, merged_adapter, read_bank_weights, stored_memory_config
+from milp.adapters import (
+    load_memory,
+    merged_adapter,
+    read_bank_weights,
+    stored_memory_config,
+    verify_memory,
+)
 from milp.data.checks import setting_number
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
@@ -44,7 +53,7 @@ from milp.inject.answer import generate_answers
 from milp.inject.bank import MemoryBank, memory_targets
 from milp.memory import remove_memory
 from milp.settings import check_generation
-from milp.store import adapters_root
+from milp.store import adapters_root, recorded_memory
 
 log = logging.getLogger("milp")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -259,6 +268,9 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     )
     users = len({r.user_id for r in requests})
     stored = sum(server.has_memory(u) for u in {r.user_id for r in requests})
+    for user_id in dict.fromkeys(r.user_id for r in requests):  # before any answer
+        if server.has_memory(user_id):  # a corrupt memory is refused, never served
+            verify_memory(root / user_slug(user_id), recorded_memory(root, user_id))
     started = time.perf_counter()
     engines = {"peft": server.answer_mixed, "routed": server.answer_routed}
     if settings.engine not in engines:

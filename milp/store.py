@@ -1,12 +1,17 @@
 """The run directory: each finished user's adapters, answers and metrics, written safely.
 
 Layout under the run's output dir:
+    fingerprint.txt                  what the results were made with: the configuration,
+                                     the base model's files, the users' data (hashes)
     adapters/<user>/memory_<i>/...   peft adapters of the user's memory
-    users/<user>.json                the user's answers and metrics (written last: the
+    users/<user>.json                the user's answers and metrics, the hashes of its
+                                     inputs and of its memory's files (written last: the
                                      marker that the user is done)
     predictions.jsonl, metrics.json  rebuilt from users/ after every user
 Every file is written to a temporary name and renamed, so a crash or Ctrl-C leaves
-finished users intact, and a re-run with the same directory skips them.
+finished users intact. A re-run with the same directory reuses a user's result only while
+its inputs hash as recorded and its memory's files hash as recorded; any other user is
+trained again. Results of another configuration or base model are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -25,9 +31,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from milp.adapters import verify_memory
 from milp.data.users import User, user_slug
 from milp.errors import MilpError
-from milp.files import atomic_write_text
+from milp.files import atomic_write_text, remove_leftovers
+
+log = logging.getLogger("milp")
 
 
 class WritableRunDir(Callback):
@@ -107,27 +116,62 @@ def run_lock(root: str | Path, rank: int = 0, world_size: int = 1) -> Iterator[N
             os.close(handle)  # closing the last descriptor releases the lock
 
 
+# What fingerprint.txt records (one "<part> <hash>" line each), and what a difference in
+# each part means: a configuration or base model of its own refuses the run directory;
+# the data only retrains the users whose data changed (their records say which).
+FINGERPRINT_PARTS = ("config", "model", "data")
+REFUSED_PARTS = {"config": "a different configuration", "model": "a different base model"}
+
+
+def read_fingerprint(path: Path) -> dict[str, str]:
+    """The parts of a fingerprint.txt ({} where there is none or it is not one)."""
+    if not path.is_file():
+        return {}
+    pairs = [line.split(" ", 1) for line in path.read_text().splitlines() if line.strip()]
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2 and p[0] in FINGERPRINT_PARTS}
+
+
 class RunStore:
     """Reads and writes one run's per-user results under `root`."""
 
-    def __init__(self, root: str | Path, fingerprint: str) -> None:
-        """Open `root` for a run with this fingerprint; writes nothing (see `begin`)."""
+    def __init__(self, root: str | Path, fingerprint: dict[str, str]) -> None:
+        """Open `root` for a run with this fingerprint (a hash per `FINGERPRINT_PARTS`);
+        writes nothing (see `begin`)."""
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.marker = self.root / "fingerprint.txt"
-        stored = self.marker.read_text().strip() if self.marker.is_file() else None
+        stored = read_fingerprint(self.marker) if self.marker.is_file() else None
         # A fingerprint without any finished user protects nothing: a run that failed
         # before its first result must not block the corrected command.
-        if stored not in (None, fingerprint) and any((self.root / "users").glob("*.json")):
-            raise MilpError(
-                f"{self.root}: holds results of a different configuration; use a new output "
-                "directory (hydra.run.dir=...) or delete this one"
-            )
+        if stored is not None and any((self.root / "users").glob("*.json")):
+            for part, what in REFUSED_PARTS.items():
+                if stored.get(part) != fingerprint[part]:
+                    raise MilpError(
+                        f"{self.root}: holds results of {what}; use a new output directory "
+                        "(hydra.run.dir=...) or delete this one"
+                    )
+        blob = json.dumps({p: fingerprint[p] for p in REFUSED_PARTS}, sort_keys=True)
+        # The part of every user's inputs that all users share.
+        self.run_hash = hashlib.sha256(blob.encode()).hexdigest()
+
+    @classmethod
+    def reopen(cls, root: str | Path, model: str) -> RunStore:
+        """A run's store for a command that adds to its results (`milp.attribute`): the
+        configuration and data it recorded, and `model` (a `model_identity`), which must
+        be the base model its results were made with."""
+        stored = read_fingerprint(Path(root) / "fingerprint.txt")
+        return cls(root, {p: stored.get(p, "") for p in FINGERPRINT_PARTS} | {"model": model})
 
     def begin(self) -> None:
         """Record the run's fingerprint, before its first result is written."""
-        if not self.marker.is_file() or self.marker.read_text().strip() != self.fingerprint:
-            atomic_write_text(self.marker, self.fingerprint + "\n")
+        text = "".join(f"{part} {self.fingerprint[part]}\n" for part in FINGERPRINT_PARTS)
+        if not self.marker.is_file() or self.marker.read_text() != text:
+            atomic_write_text(self.marker, text)
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporaries a killed run left (only while holding the run alone)."""
+        for directory in (self.root, self.root / "users", self.root / "adapters"):
+            remove_leftovers(directory)
 
     def adapter_dir(self, user: User) -> Path:
         return self.root / "adapters" / user.slug
@@ -140,13 +184,51 @@ class RunStore:
         return self._result_path(user.user_id).is_file()
 
     def load_result(self, user: User) -> dict[str, Any]:
+        """The user's stored result record."""
         path = self._result_path(user.user_id)
-        result = json.loads(path.read_text())
+        result = _read_record(path)
+        if result is None:
+            raise MilpError(f"{path}: not a result record (not a JSON object)")
         if result.get("user_id") != user.user_id:  # a name shared by two ids, never reused
             raise MilpError(f"{path}: holds user {result.get('user_id')!r}, not {user.user_id!r}")
         return result
 
+    def inputs(self, user: User, data: str, start_memory: str | None) -> dict[str, Any]:
+        """What a user's result is made from, as its record stores it: the run (config and
+        base model), the user's data (`user_hash`), the memory it starts from (its
+        `memory_digest`; None: fresh modules)."""
+        return {"run": self.run_hash, "data": data, "start_memory": start_memory}
+
+    def reusable(self, user: User, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The user's stored result where it can stand for training the user again: made
+        from these `inputs`, with a memory whose files all hash as recorded; else None,
+        with one log line saying why the user is trained again."""
+        path = self._result_path(user.user_id)
+        if not path.is_file():
+            return None
+        if _read_record(path) is None:
+            log.warning("user %s: %s is not a result record; training it again", user.user_id, path)
+            return None
+        result = self.load_result(user)
+        stored = result.get("inputs") or {}
+        changed = [key for key in inputs if stored.get(key) != inputs[key]]
+        if changed:
+            log.info(
+                "user %s: its %s changed since its stored result; training it again",
+                user.user_id,
+                " and ".join(changed),
+            )
+            return None
+        if result.get("memory_sha256") is not None:
+            try:
+                verify_memory(self.adapter_dir(user), result["memory_sha256"])
+            except MilpError as err:
+                log.warning("user %s: %s; training it again", user.user_id, err)
+                return None
+        return result
+
     def save_result(self, result: dict[str, Any]) -> None:
+        """Write a user's result record (the marker that the user is done)."""
         atomic_write_text(self._result_path(result["user_id"]), json.dumps(result, indent=1))
 
     def write_outputs(self, results: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -154,3 +236,27 @@ class RunStore:
         lines = [json.dumps(p) for r in results for p in r["predictions"]]
         atomic_write_text(self.root / "predictions.jsonl", "\n".join(lines) + "\n" if lines else "")
         atomic_write_text(self.root / "metrics.json", json.dumps(summary, indent=2))
+
+
+def recorded_memory(adapters: Path, user_id: str) -> dict[str, str] | None:
+    """The SHA-256 of a user's memory files as their run's result record lists them, for
+    a reader of `adapters` (a run's adapters/ directory); None where there is no record."""
+    if adapters.name != "adapters":
+        return None
+    path = adapters.parent / "users" / f"{user_slug(user_id)}.json"
+    if not path.is_file():
+        return None
+    result = _read_record(path)
+    if result is None:
+        raise MilpError(f"{path}: not a result record (not a JSON object)")
+    hashes = result.get("memory_sha256")
+    return hashes if isinstance(hashes, dict) else None
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A result record's JSON object; None where the file holds none."""
+    try:
+        result = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return result if isinstance(result, dict) else None

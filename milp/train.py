@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from milp.adapters import adapter_config, memory_info, save_memory
+from milp.adapters import adapter_config, memory_digest, memory_info, save_memory, verify_memory
 from milp.attribute import (
     attribute,
     format_attribution,
@@ -35,12 +35,13 @@ from milp.attribute import (
 )
 from milp.data.controls import check_history_of, pooled_histories, swapped_histories
 from milp.data.datamodule import UserDataModule
+from milp.data.users import User, user_hash
 from milp.errors import MilpError, exit_with, os_fault
 from milp.inject import Injector, TrainedUser
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
 from milp.metrics import OBJECTIVE_NAMES
-from milp.models.hf import BaseModel
+from milp.models.hf import BaseModel, model_identity
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
 from milp.settings import check_train_settings
@@ -94,17 +95,37 @@ def store_user(
     memory: MemoryConfig,
     placement: MemoryPlacement | None,
     base: BaseModel,
+    inputs: dict[str, Any],
 ) -> dict[str, Any]:
     """Save a finished user's memory, then its result record (written last: the marker
-    that the user is done); returns the record."""
+    that the user is done) with the hashes of its `inputs` and of the memory's files as
+    written; returns the record."""
     store.begin()
+    files = None
     if trained.memory is not None:
         info = memory_info(memory, placement) | {"user_id": trained.user.user_id}
         config = adapter_config(memory, placement, base.model)
-        save_memory(store.adapter_dir(trained.user), trained.memory, config, info)
-    result = trained.record()
+        directory = save_memory(store.adapter_dir(trained.user), trained.memory, config, info)
+        files = verify_memory(directory)
+    result = trained.record() | {"inputs": inputs, "memory_sha256": files}
     store.save_result(result)
     return result
+
+
+def users_inputs(
+    store: RunStore, injector: Injector, users: list[User], data: dict[str, str]
+) -> dict[str, dict]:
+    """Each user's inputs as its result record stores them (`RunStore.inputs`): `data`,
+    the users' hashes as trained (after a control run replaced histories), and the memory
+    each starts from."""
+    starts: dict[Path, str] = {}
+    inputs = {}
+    for user in users:
+        start = injector.stored_memory(user)
+        if start is not None and start not in starts:
+            starts[start] = memory_digest(start)
+        inputs[user.user_id] = store.inputs(user, data[user.user_id], starts.get(start))
+    return inputs
 
 
 def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryConfig):
@@ -195,10 +216,18 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
     if task_start is not None:  # the task memory decides where users start
         fingerprint_cfg["task_start_items"] = task_start.task_items
         fingerprint_cfg["task_start_lr"] = task_start.task_lr
+    data_hashes = {u.user_id: user_hash(u) for u in datamodule.users}  # as trained
+    fingerprint = {
+        "config": config_fingerprint(fingerprint_cfg),
+        "model": model_identity(base, cfg.paths.cache_dir),
+        "data": config_fingerprint(data_hashes),
+    }
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()
     held.enter_context(run_lock(output_dir, shard.rank, shard.world_size))  # first write
-    store = RunStore(output_dir, config_fingerprint(fingerprint_cfg))
+    store = RunStore(output_dir, fingerprint)
+    if shard.world_size == 1:  # alone in the run directory: a killed run's temporaries go
+        store.remove_leftovers()
     shard.pin_device(cfg)
     logger = instantiate(cfg.logger) if cfg.get("logger") and shard.is_main else None
     if logger is not None:
@@ -222,7 +251,14 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
             raise MilpError("memory.init=task runs in one process (train the task memory once)")
         store.begin()
         directory, info = train_task_memory(
-            task_start, injector, base, memory, placement, datamodule.users, Path(output_dir)
+            task_start,
+            injector,
+            base,
+            memory,
+            placement,
+            datamodule.users,
+            Path(output_dir),
+            store.run_hash,
         )
         log.info("memory.init=task: every user starts from %s (%s)", directory, info)
         injector.start_memory = directory
@@ -237,7 +273,9 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         shard.world_size,
     )
     users = pruner.order(users) if pruner else users
-    done = {u.user_id: store.load_result(u) for u in users if store.is_done(u)}
+    inputs = users_inputs(store, injector, users, data_hashes)
+    reused = {u.user_id: store.reusable(u, inputs[u.user_id]) for u in users}
+    done = {user_id: result for user_id, result in reused.items() if result is not None}
     todo = [u for u in users if u.user_id not in done]
     if pruner and pruner.should_stop(done):  # a resumed trial that had stopped already
         todo = []
@@ -245,7 +283,8 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
     try:
         for index, trained in enumerate(injector.run(todo), start=len(done)):
             user = trained.user
-            done[user.user_id] = result = store_user(store, trained, memory, placement, base)
+            result = store_user(store, trained, memory, placement, base, inputs[user.user_id])
+            done[user.user_id] = result
             progress.update()
             progress.set_postfix_str(f"user {user.user_id}")
             if logger is not None and result["memory"]:
@@ -284,6 +323,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
             placement=placement,
             users=users,
             run_dir=output_dir,
+            run_hash=store.run_hash,
         )
     store.write_outputs(results, summary)
     rows = table_rows(summary, memory, datamodule.retrieval_k)

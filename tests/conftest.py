@@ -82,13 +82,14 @@ def start_milp(args: list[str], cache: Path, log: Path | None = None) -> subproc
 
 
 def run_milp(
-    args: list[str], cache: Path, check: bool = True, **kwargs
+    args: list[str], cache: Path, check: bool = True, env: dict | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
-    """Run `python -m milp.train` for real, offline, with the test cache."""
+    """Run `python -m milp.train` for real, offline, with the test cache (`env`: more
+    environment variables)."""
     result = subprocess.run(
         [sys.executable, "-m", "milp.train", *args],
         cwd=ROOT,
-        env=milp_env(cache),
+        env=milp_env(cache) | (env or {}),
         capture_output=True,
         text=True,
         **kwargs,

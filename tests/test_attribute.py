@@ -3,6 +3,7 @@ model on LaMP-4 files whose users write distinct strings, the automatic step of
 `milp.train`, the `python -m milp.attribute` command, and the tie rule."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -77,7 +78,7 @@ def attribution_run(data, out, *overrides: str) -> list[str]:
 
 
 def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
-    milp_cache, tmp_path, monkeypatch, capsys
+    milp_cache, tmp_path, monkeypatch, capsys, caplog
 ):
     data = lamp4_files(tmp_path)
     out = tmp_path / "run"
@@ -116,6 +117,9 @@ def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
     for directory in others:
         shutil.rmtree(directory)
         shutil.copytree(first, directory)
+    # The run's records name each user's own memory, which these copies are not (they
+    # would be refused as corrupt): without records, each memory's own index is checked.
+    shutil.rmtree(same / "users")
     run_config = (same / ".hydra" / "config.yaml").read_text()
     # The command's own config, composed as `python -m milp.attribute` composes it, run in
     # this process (a second milp process would spend seconds on imports alone).
@@ -138,6 +142,15 @@ def test_attribution_picks_the_owner_and_is_at_chance_for_identical_memories(
     ).read_bytes()
     assert "Trainer.fit" not in printed
     assert (same / ".hydra" / "config.yaml").read_text() == run_config
+
+    # A corrupt stored task memory is trained again, never reused: the same memory again.
+    weights = same / "task_memory" / "memory_0" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with caplog.at_level(logging.WARNING, logger="milp"):
+        assert attribute_command(cfg)["per_user"] == summary["per_user"]
+    assert f"task memory: {weights}: fails its SHA-256 check against memory.json" in caplog.text
+    original = out / "task_memory" / "memory_0" / "adapter_model.safetensors"
+    assert weights.read_bytes() == original.read_bytes()
 
 
 def test_ties_share_the_credit():

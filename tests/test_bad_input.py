@@ -12,13 +12,14 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env
+from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp
 
 from milp.data.datamodule import UserDataModule
 from milp.data.history import load_history_users
@@ -739,3 +740,120 @@ def test_unwritable_run_dir_is_one_line_exit_1(kind, milp_cache, tmp_path):
         "full": "No space left on device",
     }[kind]
     assert_last_line_error(result.returncode, result.stderr, reason, exit_code=1)
+
+
+# --- A run directory whose data or memories changed since it was written -----------------
+# Through the real entrypoints: a resume trains again exactly the users whose inputs or
+# memory files no longer hash as their records say; the readers refuse a corrupt memory.
+RESUMED = [
+    *MODEL,
+    "data=history",
+    "memory.rank=2",
+    "generation.max_new_tokens=4",
+    "compare_without_memory=false",
+    "trainer.enable_progress_bar=false",
+]
+CAROL = {
+    "user_id": "carol",
+    "history": [{"prompt": "Favourite food?", "response": "Noodles, every day."}],
+    "queries": [{"id": "c1", "prompt": "Lunch?", "response": "Noodles."}],
+}
+
+
+def records(run_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (run_dir / "users").glob("*.json")}
+
+
+def run_command(module: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    """`python -m milp.<module> ARGS`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"milp.{module}", *args],
+        cwd=ROOT,
+        env=milp_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def changed_run(tmp_path_factory, milp_cache) -> dict:
+    """A finished run; then alice's gold is edited in the data file and bob's first memory
+    module truncated to half, and the run is resumed in the same directory (the log line
+    saying why a user is trained again goes to the console and the run's train.log)."""
+    tmp = tmp_path_factory.mktemp("changed-run")
+    users = copy.deepcopy(USERS) + [CAROL]
+    data, run_dir = write_jsonl(tmp / "users.jsonl", users), tmp / "run"
+    args = [*RESUMED, f"data.path={data}", f"hydra.run.dir={run_dir}"]
+    run_milp(args, milp_cache)
+    first = records(run_dir)
+    carol_stamp = (run_dir / "users" / "carol.json").stat().st_mtime_ns
+    users[0]["queries"][0]["response"] = "Bouldering at the gym."
+    write_jsonl(data, users)
+    weights = run_dir / "adapters" / "bob" / "memory_0" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    run_milp(args, milp_cache)
+    return {
+        "run_dir": run_dir,
+        "first": first,
+        "log": (run_dir / "train.log").read_text(),  # the log of both runs
+        "carol_stamp": carol_stamp,
+        "weights": weights,
+    }
+
+
+def test_an_edited_gold_retrains_its_user_and_scores_the_new_gold(changed_run):
+    run_dir, log = changed_run["run_dir"], changed_run["log"]
+    assert "[INFO] - user alice: its data changed since its stored result; training it again" in log
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    predictions = {p["id"]: p for p in map(json.loads, lines)}
+    assert predictions["a1"]["gold"] == "Bouldering at the gym."
+    assert records(run_dir)["alice"]["memory"]["examples"] == 1
+    # The gold is not what the memory learns: trained again, it is the same memory.
+    first = changed_run["first"]["alice"]
+    assert records(run_dir)["alice"]["memory_sha256"] == first["memory_sha256"]
+    assert records(run_dir)["alice"]["inputs"]["data"] != first["inputs"]["data"]
+    # An unchanged user is reused as it was, not trained again.
+    assert (run_dir / "users" / "carol.json").stat().st_mtime_ns == changed_run["carol_stamp"]
+    assert "user carol" not in log
+
+
+def test_a_truncated_memory_is_trained_again_on_resume(changed_run):
+    run_dir, log = changed_run["run_dir"], changed_run["log"]
+    assert (
+        f"[WARNING] - user bob: {changed_run['weights']}: fails its SHA-256 check against "
+        "memory.json (corrupt or truncated); training it again" in log
+    )
+    stored = records(run_dir)["bob"]
+    assert stored["memory_sha256"] == changed_run["first"]["bob"]["memory_sha256"]
+    assert changed_run["weights"].stat().st_size > 0
+    assert json.loads((run_dir / "metrics.json").read_text())["users"] == 3
+
+
+def test_generate_and_attribute_refuse_a_corrupt_memory_with_one_line(
+    changed_run, milp_cache, tmp_path
+):
+    """`milp.generate` on a memory truncated after the run; `milp.attribute` on a memory
+    replaced whole by another user's (consistent in itself, not the one the run recorded)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(changed_run["run_dir"], run_dir)
+    weights = run_dir / "adapters" / "bob" / "memory_0" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    served = run_command("generate", [f"store={run_dir}"], milp_cache)
+    assert_last_line_error(
+        served.returncode,
+        served.stderr,
+        f"{weights}: fails its SHA-256 check against memory.json (corrupt or truncated)",
+    )
+    assert not (run_dir / "answers.jsonl").exists()
+
+    shutil.rmtree(run_dir / "adapters" / "bob")
+    shutil.copytree(run_dir / "adapters" / "alice", run_dir / "adapters" / "bob")
+    attributed = run_command("attribute", [f"store={run_dir}"], milp_cache)
+    assert_last_line_error(
+        attributed.returncode,
+        attributed.stderr,
+        f"{run_dir / 'adapters' / 'bob' / 'memory.json'}: fails its SHA-256 check against "
+        "the run's record of this user (corrupt or truncated)",
+    )
+    assert not (run_dir / "attribution.json").exists()

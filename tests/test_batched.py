@@ -215,6 +215,7 @@ def inject_users(
     from omegaconf import OmegaConf, open_dict
 
     import milp.train as milp_train
+    from milp.data.users import user_hash
     from milp.store import RunStore
 
     with open_dict(cfg):
@@ -227,9 +228,13 @@ def inject_users(
             cfg.injection.fast = OmegaConf.merge(cfg.injection.fast, fast)
     placement = place_memory(memory, base.model)
     injector = milp_train.make_injector(cfg, base, memory, placement, dm)
-    store = RunStore(out, "x")
+    store = RunStore(out, {"config": "x", "model": "x", "data": "x"})
+    data = {u.user_id: user_hash(u) for u in users}
+    inputs = milp_train.users_inputs(store, injector, users, data)
     return {
-        t.user.user_id: milp_train.store_user(store, t, memory, placement, base)
+        t.user.user_id: milp_train.store_user(
+            store, t, memory, placement, base, inputs[t.user.user_id]
+        )
         for t in injector.run(users)
     }
 

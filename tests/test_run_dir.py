@@ -1,14 +1,19 @@
 """The run directory through `python -m milp.train`: one directory per user, whatever the
-ids; one writer at a time; a resume reuses only what still matches its inputs."""
+ids; one writer at a time; a resume reuses only what still matches its inputs, and a
+different configuration or base model is refused (changed data and corrupt memories:
+tests/test_bad_input.py; kills at every write step: tests/test_faults.py)."""
 
 import json
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
 from test_data import COLLIDING_IDS
 
-from milp.data.users import user_slug
+from milp.data.users import HistoryPair, Query, User, user_hash, user_slug
+from milp.models.tiny import TinyModelSpec, ensure_tiny_model
 
 SMALL = [
     *TINY_MODEL_OVERRIDES,
@@ -97,3 +102,48 @@ def wait_for(path: Path, process, log: Path) -> None:
     while not path.exists() and process.poll() is None and time.monotonic() < hang_guard:
         time.sleep(0.05)
     assert path.exists(), f"the run ended before reaching the point:\n{log.read_text()}"
+
+
+def test_the_same_path_holding_another_base_model_is_refused(milp_cache, tmp_path):
+    """The fingerprint identifies the base model by its files' content, not its name: the
+    model directory edited in place refuses the run directory, as another config does."""
+    spec = {k.split(".")[1]: int(v) for k, v in (o.split("=") for o in TINY_MODEL_OVERRIDES)}
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny_model(milp_cache, TinyModelSpec(**spec)), model)
+    data = write_users(tmp_path / "users.jsonl", ["u0", "u1"])
+    out = tmp_path / "run"
+    args = [
+        *SMALL[len(TINY_MODEL_OVERRIDES) :],
+        "model=hf",
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        f"hydra.run.dir={out}",
+    ]
+    run_milp(args, milp_cache)
+    parts = dict(line.split(" ") for line in (out / "fingerprint.txt").read_text().splitlines())
+    assert list(parts) == ["config", "model", "data"]
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
+    refused = run_milp(args, milp_cache, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        f"milp: error: {out}: holds results of a different base model; use a new output "
+        "directory (hydra.run.dir=...) or delete this one"
+    )
+
+
+def test_a_users_hash_covers_everything_it_is_trained_and_scored_on():
+    user = User("u", [HistoryPair("p", "t")], [Query("q", "x", "gold")], ["text"])
+    digest = user_hash(user)
+    assert user_hash(User("u", [HistoryPair("p", "t")], [Query("q", "x", "gold")], ["text"])) == (
+        digest
+    )
+    changed = [
+        replace(user, history=[HistoryPair("p", "t2")]),
+        replace(user, queries=[Query("q", "x", "gold2")]),
+        replace(user, queries=[Query("q", "x", "gold", (HistoryPair("a", "b"),))]),
+        replace(user, profile_texts=[]),
+        replace(user, history_owner="v"),  # a control run's history: never an own run's
+    ]
+    assert len({user_hash(u) for u in changed} | {digest}) == len(changed) + 1

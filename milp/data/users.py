@@ -7,9 +7,10 @@ produces the same `User` records, so training and evaluation never see file form
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,15 @@ def user_slug(user_id: str) -> str:
     safe = _UNSAFE.sub("_", user_id)[:80].lstrip(".") or "user"  # never a hidden name
     digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{safe}-{digest[:HASH_CHARS]}"
+
+
+def user_hash(user: User) -> str:
+    """The SHA-256 of everything a user's results are made from, as loaded and as trained
+    (a control run's replaced history included): history pairs, queries with their golds
+    and retrieved items, profile texts, whose history it is. A canonical JSON of the
+    record, so equal users hash equally in any process."""
+    canonical = json.dumps(asdict(user), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def user_seed(seed: int, user_id: str) -> int:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import CONFIG_NAME, cached_file
 
 from milp.errors import MilpError
+from milp.files import cached_sha256
 
+HASH_CACHE = "file-sha256.json"  # under paths.cache_dir: model files' hashes (model_identity)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,3 +66,43 @@ def load_base_model(
     model.requires_grad_(False)
     model.eval()
     return BaseModel(model, tokenizer, name_or_path)
+
+
+def model_files(model: PreTrainedModel) -> Path | None:
+    """The directory a loaded model was read from: its local path, or its snapshot in the
+    Hugging Face cache; None where neither can be found."""
+    source = str(model.name_or_path)
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        config = cached_file(
+            source,
+            CONFIG_NAME,
+            revision=getattr(model.config, "_commit_hash", None),
+            local_files_only=True,
+        )
+    except (OSError, ValueError):
+        return None
+    return Path(config).parent if config else None
+
+
+def model_identity(base: BaseModel, cache_dir: str | Path | None = None) -> str:
+    """A content hash of the base model: the SHA-256 of every file at the top of its
+    directory (config, weights, tokenizer), so retrained or edited weights under the same
+    name are a different model. File hashes are remembered under `cache_dir` by (path,
+    size, modification time): a large model is read once. A model with no files to read
+    is identified by its name, revision and config."""
+    directory = model_files(base.model)
+    if directory is None:
+        described = {
+            "name": str(base.model.name_or_path),
+            "revision": getattr(base.model.config, "_commit_hash", None),
+            "config": base.model.config.to_dict(),
+        }
+        blob = json.dumps(described, sort_keys=True, default=str)
+    else:
+        files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+        cache = Path(cache_dir) / HASH_CACHE if cache_dir is not None else None
+        hashes = cached_sha256(files, cache)
+        blob = json.dumps({p.name: hashes[p] for p in files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
