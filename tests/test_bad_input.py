@@ -388,6 +388,11 @@ ROWS = [
         "record 1 (id='q2'): unknown key 'userid' (a question has id, user_id, input, profile)",
     ),
     (
+        "lamp-misspelled-profile-date",
+        lamp_case(lambda q, g: q[0]["profile"][0].update(dtae="2020-01-01")),
+        "profile item 0: unknown key 'dtae' (a profile item has id, date, text, title)",
+    ),
+    (
         "lamp-misspelled-output",
         lamp_case(lambda q, g: setitem(g["golds"][1], "outputs", "Snow")),
         "dev_outputs.json: gold 1 (id='q2'): unknown key 'outputs' (a gold has id, output)",

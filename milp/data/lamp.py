@@ -35,6 +35,8 @@ class LampTask:
     # Keys a question may carry besides QUESTION_KEYS: where a converted dialogue's query
     # sits (its conversation or scene, turn and date), so its disjointness can be checked.
     question_extras: tuple[str, ...] = ()
+    # Keys a profile item may carry besides `id`, `date` and `item_fields`.
+    item_extras: tuple[str, ...] = ()
 
 
 def _headline_pair(item: dict[str, Any]) -> HistoryPair:
@@ -72,10 +74,18 @@ TASKS: dict[str, LampTask] = {
     "LaMP_5": LampTask("LaMP_5", ("abstract", "title"), _title_pair),
     "LaMP_7": LampTask("LaMP_7", ("text",), _tweet_pair),
     "chitchat": LampTask(
-        "chitchat", ("context", "text"), _reply_pair, ("conversation", "turn", "date")
+        "chitchat",
+        ("context", "text"),
+        _reply_pair,
+        ("conversation", "turn", "date"),
+        ("conversation", "turn"),
     ),
     "shakespeare": LampTask(
-        "shakespeare", ("context", "text"), _reply_pair, ("scene", "turn", "date")
+        "shakespeare",
+        ("context", "text"),
+        _reply_pair,
+        ("scene", "turn", "date"),
+        ("context_from", "scene", "turn"),
     ),
 }
 
@@ -160,6 +170,8 @@ def _check_question(path: Path, index: int, record: Any, task: LampTask) -> str:
         if not isinstance(item, dict):
             raise MilpError(f"{where}: profile item {item_index} is not an object")
         item_where = f"{where}: profile item {item_index}"
+        allowed = ("id", "date", *task.item_fields, *task.item_extras)
+        known_keys(item_where, item, allowed, "profile item")
         for key in task.item_fields:
             if not isinstance(item.get(key), str):
                 raise MilpError(
