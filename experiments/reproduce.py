@@ -14,7 +14,8 @@ Steps (each resumable: finished runs are skipped when their outputs exist):
    `<out>/<source>/`: the tuning record, methods x metrics (plain mean
    ± std over seeds beside LaMP's bootstrap aggregation of ROUGE), the reference method
    against each baseline (paired bootstrap 95% interval by user, wins / ties / losses),
-   wall times, a breakdown by history size, the paper's claims checked.
+   wall times, a breakdown by history size, and the verdict on the paper's claims
+   (experiments/verdict.py).
 
     python experiments/reproduce.py                          # embedded default
     python experiments/reproduce.py --source chitchat        # SmolLM2 + Chit-Chat users
@@ -40,7 +41,6 @@ from plan import summary as plan_summary
 from results_plots import ablations_plot, differences_plot, methods_plot, tuning_plot
 from results_tables import (
     METHODS,
-    claims,
     comparison_table,
     comparisons,
     methods_table,
@@ -355,10 +355,6 @@ is better).
 ## Does a memory know its owner? (attribution, test users)
 
 {attribution_section(out, args.methods, args.seeds)}
-
-## The paper's claims
-
-{claims(results, rows)}
 
 ## Ablations (validation users)
 

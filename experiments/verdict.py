@@ -4,8 +4,10 @@ test users with paired statistics, and the figures behind them.
 Per user, a method's score is the mean over the user's queries, averaged over its seeds.
 Each claim compares two methods on the users both answered: the mean paired difference
 with its Student-t 95% interval over users, a paired sign-flip permutation p-value and
-wins / ties / losses (milp.stats.paired_test). A claim **holds** where the whole interval
-lies on the claimed side, **does not hold** where it lies wholly on the other side, and
+wins / ties / losses (milp.stats.paired_test). The claims are tested together: their
+p-values are Holm-adjusted over all the claims of the table. A claim **holds** where the
+whole interval lies on the claimed side and its adjusted p is below 0.05, **does not
+hold** where the interval lies wholly on the other side with adjusted p below 0.05, and
 is **inconclusive** otherwise (or where a method it needs did not run).
 """
 
@@ -19,6 +21,8 @@ from pathlib import Path
 from results_tables import METHODS, per_user
 
 from milp.stats import lower_is_better, nll_decomposition, paired_test, seed_spread
+
+ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,6 @@ def test_claim(results: dict[str, list[dict]], claim: Claim, seed: int = 0) -> d
     if len(set(a) & set(b)) < 2:
         return row | {"status": "inconclusive", "figures": "fewer than 2 users scored by both"}
     test = paired_test(a, b, claim.metric, seed=seed)
-    status = {"a": "holds", "b": "does not hold", None: "inconclusive"}[test.better()]
     spread = {
         m: seed_spread([r["metrics"][claim.metric] for r in results[m]])
         for m in (claim.method, claim.baseline)
@@ -73,7 +76,28 @@ def test_claim(results: dict[str, list[dict]], claim: Claim, seed: int = 0) -> d
         f"{test.mean_a:.4f} vs {test.mean_b:.4f}; {test.format()}; over seeds "
         f"{spread[claim.method]} vs {spread[claim.baseline]}"
     )
-    return row | {"status": status, "figures": figures, "p": test.sign_flip.p}
+    return row | {"side": test.better(), "figures": figures, "p": test.sign_flip.p}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of `p_values` (same order), controlling the chance
+    of any false claim over the whole table."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def decide(rows: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """Each tested row's status from its interval side and its Holm-adjusted p."""
+    tested = [r for r in rows if "p" in r]
+    for row, p in zip(tested, holm([r["p"] for r in tested]), strict=True):
+        side = row["side"] if p < alpha else None
+        row["status"] = {"a": "holds", "b": "does not hold", None: "inconclusive"}[side]
+        row["figures"] += f"; Holm-adjusted p {p:.4g} over {len(tested)} claims"
+    return rows
 
 
 def best_fixed_baseline(results: dict[str, list[dict]]) -> str | None:
@@ -100,11 +124,14 @@ def claim_rows(results: dict[str, list[dict]], ablations: str | None) -> list[di
                 ),
             )
         )
+    rows = decide(rows)
     rows.append(
         {
             "claim": "several LoRAs vs one; the layer choice (ablations on dev users)",
-            "status": "inconclusive",
-            "figures": ablations or "ablations not run for this source (--ablate)",
+            "status": "see the ablation tables" if ablations else "not run",
+            "figures": "on dev users, not a test of the test users"
+            if ablations
+            else "ablations not run for this source (--ablate)",
         }
     )
     return rows

@@ -105,7 +105,7 @@ def test_the_verdict_states_holds_does_not_hold_or_inconclusive():
         }
         return [{"metrics": mean, "per_user": per_user}] * seeds
 
-    users = [f"u{i}" for i in range(6)]
+    users = [f"u{i}" for i in range(12)]  # enough for exact sign-flip p after Holm
     results = {
         # Memory: clearly better ROUGE-L and NLL than zero-shot for every user.
         "milp": runs({u: (0.30 + 0.01 * i, 3.0 + 0.01 * i) for i, u in enumerate(users)}, 3),
@@ -128,6 +128,15 @@ def test_the_verdict_states_holds_does_not_hold_or_inconclusive():
     assert "(3 seeds)" in swapped["figures"]
     assert "(1 seed)" in rows["memory beats no memory (ROUGE-L)"]["figures"]
     assert "ablations not run" in rows[next(c for c in rows if "several LoRAs" in c)]["figures"]
+    assert "Holm-adjusted p" in swapped["figures"]
     table = decomposition(results)
-    # Total = domain + owner per user: 0.95 nats on average here, all of it the domain's.
-    assert "| total: no memory → own | +0.9500 |" in table
+    # Total = domain + owner per user: 0.89 nats on average here, all of it the domain's.
+    assert "| total: no memory → own | +0.8900 |" in table
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    from verdict import holm
+
+    # Sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04).
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])

@@ -81,7 +81,6 @@ def test_reproduce_smoke_tunes_on_dev_then_compares_on_test(milp_cache, tmp_path
         "95% CI of Δ",
         "W / T / L",
         "≤5 items",
-        "The paper's claims",
         "## Verdict (test users)",
         "swapped memory",
         "task fine-tune, step-matched",

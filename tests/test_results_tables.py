@@ -57,7 +57,7 @@ def test_comparison_rows_pair_users_and_skip_metrics_a_run_lacks():
     assert c.difference.estimate == pytest.approx(np.mean([0.7, 0.4, 0.0, 0.5]))
     table = tables.comparison_table(rows, "milp")
     assert "| zero-shot | ROUGE-L | 4 |" in table and "3 / 1 / 0" in table
-    assert tables.verdict(rows, "zero_shot").startswith("agrees")
+    assert c.difference.low > 0  # the whole interval on MiLP's side
     # The NLL column is shown only when every run reports it.
     methods = tables.methods_table(results, {}, ["rougeL", "nll"])
     assert "NLL" not in methods and "ROUGE-L LaMP agg." in methods
@@ -73,7 +73,7 @@ def test_methods_table_shows_lamps_aggregation_beside_the_mean():
     assert "| 42 |" in row  # the tuning wall time
 
 
-def test_nll_comparison_counts_lower_as_better_and_claims_follow_the_interval():
+def test_nll_comparison_counts_lower_as_better():
     nll_memory = {"u0": 2.0, "u1": 2.1, "u2": 1.9, "u3": 2.0}
     nll_base = {"u0": 2.5, "u1": 2.6, "u2": 2.4, "u3": 2.5}
     results = {
@@ -85,6 +85,7 @@ def test_nll_comparison_counts_lower_as_better_and_claims_follow_the_interval():
     )
     nll = next(r["comparison"] for r in rows if r["comparison"].metric == "nll")
     assert (nll.wins, nll.losses) == (4, 0) and nll.difference.estimate == pytest.approx(-0.5)
-    assert tables.verdict(rows, "rag", "nll").startswith("agrees")
-    assert tables.verdict(rows, "rag", "rougeL").startswith("tie")
+    assert nll.difference.high < 0  # lower NLL: the whole interval on MiLP's side
+    rouge = next(r["comparison"] for r in rows if r["comparison"].metric == "rougeL")
+    assert rouge.difference.low <= 0 <= rouge.difference.high  # the same ROUGE: a tie
     assert "NLL (lower is better)" in tables.comparison_table(rows, "milp")
