@@ -11,6 +11,7 @@ run with the first seed only; every other method runs every seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -91,7 +92,13 @@ def evaluate_methods(
         for seed in seeds_for(method, seeds):
             run_dir = out / "runs" / method / f"seed{seed}"
             record = run_dir / "reproduce.json"
-            if not record.is_file():
+            if record.is_file():
+                stored = json.loads(record.read_text())["settings"]
+                if stored != overrides:
+                    raise SystemExit(
+                        f"reproduce: {record} ran with {stored}, the plan holds {overrides}"
+                    )
+            else:
                 check_run(out, method, seed, overrides)
                 seconds = run(
                     train_command(
@@ -121,12 +128,17 @@ def evaluate_methods(
     return results
 
 
-def test_user_ids(experiment: str, common: list[str]) -> list[str]:
-    """The ids of the users the test runs will answer (the test split as configured)."""
+def test_users(experiment: str, common: list[str]) -> tuple[list[str], str]:
+    """The ids of the users the test runs will answer (the test split as configured) and
+    the sha256 of their records as loaded (histories, queries, golds, profile texts)."""
+    from dataclasses import asdict
+
     from hydra import compose, initialize_config_dir
 
     from milp.train import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", *common, "split=test"])
-    return [u.user_id for u in build(cfg.data.users)]
+    users = build(cfg.data.users)
+    blob = json.dumps([asdict(u) for u in users], sort_keys=True, ensure_ascii=False)
+    return [u.user_id for u in users], hashlib.sha256(blob.encode()).hexdigest()

@@ -27,7 +27,7 @@ from milp.files import atomic_write_text
 PLAN = "plan.json"
 STARTS = "test_starts.json"
 #: What the test stage must match; the rest (commit, time) describes the plan.
-FROZEN = ("source", "experiment", "runs", "test_user_ids", "tuning_sha256")
+FROZEN = ("source", "experiment", "runs", "test_user_ids", "test_data_sha256", "tuning_sha256")
 
 
 def now() -> str:
@@ -59,16 +59,19 @@ def freeze(
     experiment: str,
     runs: dict[str, dict[str, Any]],
     test_user_ids: list[str],
+    test_data_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Write ``<out>/plan.json`` (or check an existing one holds the same choices) and
     return it. `runs`: method -> {"seeds": [...], "overrides": [...]}, each test run's
-    settings exactly as it will be started."""
+    settings exactly as it will be started; `test_data_sha256`: the test users' records
+    as loaded (their histories, queries and golds)."""
     path = out / PLAN
     plan = {
         "source": source,
         "experiment": experiment,
         "runs": runs,
         "test_user_ids": sorted(test_user_ids),
+        "test_data_sha256": test_data_sha256,
         "tuning_sha256": file_sha256(out / "tuning.json"),
     }
     if path.is_file():
@@ -105,6 +108,12 @@ def check_run(out: Path, method: str, seed: int, overrides: list[str]) -> None:
             f"reproduce: {method} seed {seed}: the settings differ from {path}: "
             f"planned {planned['overrides']}, now {overrides}"
         )
+    frozen_at, now_at = json.loads(path.read_text())["commit"], commit()["commit"]
+    if now_at != frozen_at:
+        raise SystemExit(
+            f"reproduce: {path} was frozen at commit {frozen_at}, this checkout is at "
+            f"{now_at}: test runs use the plan's code (a git worktree at that commit)"
+        )
     starts_path = out / STARTS
     starts = json.loads(starts_path.read_text()) if starts_path.is_file() else {}
     key = f"{method}/seed{seed}"
@@ -123,6 +132,7 @@ def summary(out: Path) -> str:
     starts = json.loads(starts_path.read_text()) if starts_path.is_file() else {}
     first = min((s["started_at"] for s in starts.values()), default=None)
     commits = sorted({s["commit"] for s in starts.values() if s.get("commit")})
+    dirty_runs = sorted(k for k, s in starts.items() if s.get("dirty"))
     if first is None:
         timing = "- no test run has started yet"
     elif plan["created_at"] < first:
@@ -137,6 +147,7 @@ def summary(out: Path) -> str:
             f"- test users: {len(plan['test_user_ids'])}; runs: "
             + ", ".join(f"{m} (seeds {r['seeds']})" for m, r in plan["runs"].items()),
             timing,
-            f"- test runs' commits: {', '.join(f'`{c}`' for c in commits) or '(none yet)'}",
+            f"- test runs' commits: {', '.join(f'`{c}`' for c in commits) or '(none yet)'}"
+            + (f"; with uncommitted changes: {', '.join(dirty_runs)}" if dirty_runs else ""),
         ]
     )

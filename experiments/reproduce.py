@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation import evaluate_methods, run_overrides, seeds_for, test_user_ids
+from evaluation import evaluate_methods, run_overrides, seeds_for, test_users
 from jobs import ROOT, run
 from plan import freeze
 from plan import summary as plan_summary
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         *args.overrides,
     ]
     dev_users = [f"data.users.max_users={args.dev_users}"] if args.dev_users else []
-    test_users = [f"data.users.max_users={args.test_users}"] if args.test_users else []
+    test_cap = [f"data.users.max_users={args.test_users}"] if args.test_users else []
     # Each source works in its own folder (runs, logs, tuning record, plots), so that one
     # source's finished runs are never taken for another's; the report sits beside it.
     report_path = args.out / f"{args.name}.md"
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         ablate(out, data, dev_users)
     if args.stop_after == "tune":
         return 0
-    common = [*data, *test_users]
+    common = [*data, *test_cap]
+    test_ids, test_sha = test_users(args.experiment, common)
     plan = freeze(
         out,
         source=args.name,
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             m: {"seeds": seeds_for(m, args.seeds), "overrides": run_overrides(m, tuning, common)}
             for m in args.methods
         },
-        test_user_ids=test_user_ids(args.experiment, common),
+        test_user_ids=test_ids,
+        test_data_sha256=test_sha,
     )
     print(f"plan: {out / 'plan.json'} ({len(plan['test_user_ids'])} test users)")
     if args.stop_after == "plan":

@@ -81,6 +81,11 @@ def test_the_test_stage_refuses_what_the_plan_does_not_hold(tmp_path):
         with pytest.raises(SystemExit, match=message):
             check_run(tmp_path, method, seed, overrides)
     assert not (tmp_path / "test_starts.json").exists()
+    # A plan frozen at another commit: its test runs need that commit's code.
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps(plan | {"commit": "0" * 40}))
+    with pytest.raises(SystemExit, match=f"frozen at commit {'0' * 40}, this checkout is at"):
+        check_run(tmp_path, "milp", 0, ["+method=milp", "memory.rank=4"])
 
 
 def test_test_runs_made_before_a_plan_cannot_be_preregistered(tmp_path):
