@@ -87,16 +87,22 @@ def differences_plot(rows: list[dict[str, Any]], reference: str, path: Path) -> 
 
 def tuning_plot(tuning: dict[str, dict], path: Path) -> Path | None:
     """Best-so-far dev objective per trial, one line per tuned method."""
+    objective = next(
+        (r["objective_name"] for r in tuning.values() if "objective_name" in r), "rougeL"
+    )
+    sign = -1 if lower_is_better(objective) else 1
     curves = {}
     for method, record in tuning.items():
         if "sweep_dir" not in record:
             continue
-        trials = sorted(read_trials(Path(record["sweep_dir"])), key=lambda t: t["trial"])
+        # The sweep beside the plot (`<out>/runs/tune/<method>`), wherever `out` now is.
+        sweep = path.parent / "runs" / "tune" / method
+        trials = sorted(read_trials(sweep), key=lambda t: t["trial"])
         best, curve = float("-inf"), []
         for t in trials:
             if t.get("objective") is not None and not t.get("pruned"):
-                best = max(best, t["objective"])
-            curve.append(best if best > float("-inf") else float("nan"))
+                best = max(best, sign * t["objective"])
+            curve.append(sign * best if best > float("-inf") else float("nan"))
         curves[method] = curve
     if not curves:
         return None
@@ -104,7 +110,6 @@ def tuning_plot(tuning: dict[str, dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=METHODS.get(method, method))
-    objective = next(iter(tuning.values())).get("objective_name", "rougeL")
     ax.set_xlabel("trial (same budget for every method)")
     ax.set_ylabel(f"best dev {label(objective)} so far")
     ax.set_title("Tuning on validation users")

@@ -31,6 +31,7 @@ import yaml
 from jobs import ROOT, run, train_command
 
 from milp.files import atomic_write_text
+from milp.stats import lower_is_better
 
 #: method -> the sweep file (sweeps/<name>.yaml) that holds its tuning space.
 TUNING_SWEEPS = {
@@ -60,10 +61,13 @@ class Budget:
     seed: int = 0
     pruning: bool = True
     dev_users: int | None = None  # the first N validation users per trial; None: all
+    objective: str = "rougeL"  # the dev metric every method is tuned for
 
     def overrides(self) -> list[str]:
         return [
             f"split={TUNING_SPLIT}",
+            f"objective={self.objective}",
+            f"hydra.sweeper.optim.maximize={str(not lower_is_better(self.objective)).lower()}",
             f"hydra.sweeper.optim.budget={self.trials}",
             f"hydra.sweeper.optim.optimizer={self.optimizer}",
             f"hydra.sweeper.optim.seed={self.seed}",
@@ -242,7 +246,8 @@ def run_grid(
             )
         atomic_write_text(log, "".join(json.dumps(t) + "\n" for t in trials))
     trials = read_trials(sweep_dir)
-    best = max(trials, key=lambda t: (t["objective"], -t["trial"]))
+    sign = -1 if lower_is_better(budget.objective) else 1  # the first of equal ones wins
+    best = max(trials, key=lambda t: (sign * t["objective"], -t["trial"]))
     return {"trial": best["trial"], "objective": best["objective"], "params": best["params"]}
 
 
@@ -263,7 +268,7 @@ def tune_method(
     most `budget.trials` configurations is tried whole (a grid); any other gets the
     sweeper's `budget.trials` trials."""
     sweep_dir = out / "runs" / "tune" / method
-    params, objective = composed_space(experiment, method, data)
+    params, _ = composed_space(experiment, method, data)
     extra = applicable(params, data, space_overrides)
     args = ["logger=none", "callbacks=none", *data, *extra]
     points = grid_points(params, [*data, *extra])
@@ -288,7 +293,7 @@ def tune_method(
         "pruned": sum(1 for t in trials if t.get("pruned")),
         "dev_user_ids": sorted(users),
         "best_trial": best["trial"],
-        "objective_name": objective,
+        "objective_name": budget.objective,
         "dev_objective": best["objective"],
         "params": best["params"],
         "settings": settings(best["params"]),

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from milp.data.controls import namespace
 from milp.errors import MilpError
 from milp.stats import PermutationP
 
@@ -58,6 +59,7 @@ def owner_permutation_p(
     permutations: int = 10_000,
     seed: int = 0,
     exact_users: int = EXACT_PERMUTATION_USERS,
+    groups: Sequence[str] | None = None,
 ) -> PermutationP:
     """One-sided (greater) permutation p-value of the per-user owner top-1.
 
@@ -67,7 +69,10 @@ def owner_permutation_p(
     uniformly random permutation says whose memory is whose. p is the share of assignments
     whose top-1 reaches the observed one (within 1e-9): all N! of them when N <=
     `exact_users`, else `permutations` drawn from ``numpy.random.default_rng(seed)`` with
-    p = (b+1)/(m+1).
+    p = (b+1)/(m+1). With `groups` (one label per user, e.g. each Shakespeare
+    character's play) holding more than one label, owners are shuffled only within their
+    group, always by random draws: the test then asks whether a memory knows its owner
+    beyond knowing the owner's group.
     """
     matrix = np.asarray(user_nll, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
@@ -88,7 +93,11 @@ def owner_permutation_p(
     def reached(assignments: np.ndarray) -> int:
         return int((credit[rows, assignments].mean(axis=1) >= bar).sum())
 
-    if n <= exact_users:
+    labels = list(groups) if groups is not None else [""] * n
+    if len(labels) != n:
+        raise MilpError(f"owner_permutation_p: {len(labels)} group labels for {n} users")
+    blocks = [np.flatnonzero(np.array(labels) == g) for g in sorted(set(labels))]
+    if len(blocks) == 1 and n <= exact_users:
         every = np.array(list(all_permutations(range(n))))
         return PermutationP(observed, reached(every) / len(every), len(every), True, None)
     rng = np.random.default_rng(seed)
@@ -96,7 +105,10 @@ def owner_permutation_p(
     chunk = max(1, _CHUNK_CELLS // n)
     for start in range(0, permutations, chunk):
         count = min(chunk, permutations - start)
-        b += reached(rng.permuted(np.tile(rows, (count, 1)), axis=1))
+        drawn = np.tile(rows, (count, 1))
+        for block in blocks:  # each group's owners shuffled among themselves
+            drawn[:, block] = rng.permuted(np.tile(block, (count, 1)), axis=1)
+        b += reached(drawn)
     return PermutationP(observed, (b + 1) / (permutations + 1), permutations, False, seed)
 
 
@@ -146,9 +158,15 @@ def summarize_attribution(
             "top1": float(np.mean([c for c, _ in per_query])),
             "mean_owner_rank": float(np.mean([r for _, r in per_query])),
         },
-        # Whether top-1 above chance is more than luck, against shuffled owner labels.
+        # Whether top-1 above chance is more than luck, against owner labels shuffled
+        # within each id namespace (a play's characters among themselves).
         "per_user_top1_permutation": asdict(
-            owner_permutation_p(user_nll[:n].T, permutations=permutations, seed=seed)
+            owner_permutation_p(
+                user_nll[:n].T,
+                permutations=permutations,
+                seed=seed,
+                groups=[namespace(u) for u in users],
+            )
         ),
         "own_beats_no_memory": beats(NO_MEMORY),
         "own_beats_task_memory": beats(TASK_MEMORY),

@@ -207,6 +207,14 @@ def test_owner_permutation_p_by_hand():
     assert (result.observed, result.p) == (0.75, 2 / 24)
     with pytest.raises(MilpError, match=r"square users x memories NLL matrix.*\(2, 3\)"):
         owner_permutation_p(np.zeros((2, 3)))
+    # Memories that know the play, not the character: two plays of two characters, a
+    # memory equally good on its play's characters. Shuffling owners across plays, only
+    # the 2 x 2 of 24 assignments that keep every memory in its play reach top-1 0.5;
+    # shuffled within plays (groups), every assignment does: no evidence of the person.
+    play = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], float)
+    assert owner_permutation_p(play).p == 4 / 24
+    within = owner_permutation_p(play, permutations=99, groups=["p", "p", "q", "q"])
+    assert (within.observed, within.p, within.exact) == (0.5, 1.0, False)
 
 
 def test_the_summary_carries_the_owner_permutation_p():

@@ -36,6 +36,20 @@ def test_derangement_gives_nobody_their_own_history():
     assert swapped["a"].queries == [Query("q-a", "?")]  # still answering its own queries
     with pytest.raises(MilpError, match="at least 2 users"):
         derangement(["a"])
+    # Within a namespace (a play): the swap changes the character, not the play; users
+    # alone in theirs swap among themselves, and a last lone one joins the largest cycle.
+    ids = ["p/A", "p/B", "p/C", "q/D", "q/E", "r/F", "s/G", "t/H"]
+    assert derangement(ids) == {
+        "p/A": "p/B",
+        "p/B": "p/C",
+        "p/C": "p/A",
+        "q/D": "q/E",
+        "q/E": "q/D",
+        "r/F": "s/G",
+        "s/G": "t/H",
+        "t/H": "r/F",
+    }
+    assert derangement(["p/A", "p/B", "r/F"]) == {"p/A": "p/B", "p/B": "r/F", "r/F": "p/A"}
 
 
 def test_pooled_histories_skip_the_task_memorys_items_and_match_each_size():

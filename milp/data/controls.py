@@ -5,7 +5,8 @@ the treatment (every user's memory trained on the user's own history) in the tra
 data only: same memory, steps, learning rate, seeding and prompts, same queries scored.
 
 - `swapped`: each user's memory is trained on another user's history, a fixed
-  derangement of the split's users (sorted by id, each takes the next one's history).
+  derangement of the split's users (sorted by id, each takes the next one's history,
+  within the id's namespace: a Shakespeare character gets a character of the same play).
   The memory is seeded as that user's (`User.seed_id`), so it *is* that user's memory:
   each user is answered with another user's memory. Own < swapped is personalization.
 - `pooled_train`: each user's memory is trained on history items pooled round-robin from
@@ -36,13 +37,30 @@ def check_history_of(value: object) -> str:
     return str(value)
 
 
+def namespace(user_id: str) -> str:
+    """The group a user id names before its last `/` (Shakespeare's `play/CHARACTER`: the
+    play); '' for ids without one."""
+    return user_id.rpartition("/")[0]
+
+
 def derangement(user_ids: Sequence[str]) -> dict[str, str]:
-    """user id -> the user whose history it gets: sorted ids, each takes the next one's
-    (the last takes the first's), so nobody keeps their own."""
-    ordered = sorted(user_ids)
-    if len(ordered) < 2:
+    """user id -> the user whose history it gets, nobody their own: within each namespace
+    (`namespace`), sorted ids, each takes the next one's (the last the first's). So a
+    character gets another character of the same play, and the swap changes the person,
+    not the play. Users alone in their namespace are deranged among themselves the same
+    way (a last one left alone joins the largest namespace's cycle)."""
+    if len(set(user_ids)) < 2:
         raise MilpError("history_of=swapped needs at least 2 users to swap histories between")
-    return {u: ordered[(i + 1) % len(ordered)] for i, u in enumerate(ordered)}
+    groups: dict[str, list[str]] = {}
+    for user_id in sorted(set(user_ids)):
+        groups.setdefault(namespace(user_id), []).append(user_id)
+    cycles = [g for g in groups.values() if len(g) > 1]
+    alone = sorted(u for g in groups.values() if len(g) == 1 for u in g)
+    if len(alone) > 1:
+        cycles.append(alone)
+    elif alone:
+        max(cycles, key=len).extend(alone)
+    return {u: cycle[(i + 1) % len(cycle)] for cycle in cycles for i, u in enumerate(cycle)}
 
 
 def swapped_histories(users: Sequence[User]) -> list[User]:
