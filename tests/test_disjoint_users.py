@@ -126,6 +126,12 @@ def test_chitchat_experiment_users_are_conversation_disjoint(tmp_path):
     assert splits["dev"]["users"] == settings["dev_users"] >= 16
     assert splits["train"]["users"] == settings["train_users"] >= 8
     assert meta["eligible_users"] >= sum(s["users"] for s in splits.values())
+    # The earlier study's users are never test users.
+    test_ids = {
+        q["user_id"]
+        for q in json.loads(next(tmp_path.glob("chitchat-*/test_questions.json")).read_text())
+    }
+    assert len(settings["never_test"]) == 16 and not test_ids & set(settings["never_test"])
 
 
 @needs_shakespeare
@@ -138,6 +144,7 @@ def test_shakespeare_experiment_users_are_scene_disjoint(tmp_path):
     assert not plays["test"] & plays["dev"] | plays["test"] & plays["train"]
     assert not plays["dev"] & plays["train"]
     assert len(plays["dev"]) >= max(3, settings["dev_plays"])
+    assert settings["never_test_plays"] and not plays["test"] & set(settings["never_test_plays"])
     assert splits["test"]["users"] >= settings["test_users"]
     assert splits["dev"]["users"] >= settings["dev_users"]
     assert splits["train"]["users"] == settings["train_users"]

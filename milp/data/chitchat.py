@@ -116,8 +116,12 @@ class SplitSettings:
     context_turns: int = 4
     # The corpus JSON to convert (null: the installed chitchat-dataset package's).
     corpus: str | None = None
+    # Users who must not be test users (their results informed fixed settings before);
+    # they may still be dev or train users.
+    never_test: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "never_test", tuple(str(u) for u in self.never_test or ()))
         setting_int("data.users.min_history", self.min_history, 1)
         setting_int("data.users.context_turns", self.context_turns, 1)
         setting_int("data.users.max_history", self.max_history, 1, "all earlier replies")
@@ -177,14 +181,26 @@ def draw_users(
     wanted = s.test_users + s.dev_users + s.train_users
     shuffled = sorted(candidates)
     random.Random(f"chitchat-{s.seed}").shuffle(shuffled)
+    room = {"test": s.test_users, "dev": s.dev_users, "train": s.train_users}
+    splits: dict[str, list[str]] = {split: [] for split in room}
     drawn: list[str] = []
     held: set[str] = set()
     for user in shuffled:
-        if len(drawn) == wanted:
-            break
+        # The first split with room that may take the user (test, then dev, then train).
+        split = next(
+            (
+                name
+                for name, size in room.items()
+                if len(splits[name]) < size and not (name == "test" and user in s.never_test)
+            ),
+            None,
+        )
+        if split is None:
+            continue
         trial = held | {q["conversation"] for q in candidates[user][1]}
         if all(len(_outside(candidates[u][0], trial)) >= s.min_history for u in [*drawn, user]):
             drawn.append(user)
+            splits[split].append(user)
             held = trial
     if len(drawn) < wanted:
         raise MilpError(
@@ -194,12 +210,7 @@ def draw_users(
             f"can be drawn, but {wanted} users were asked for; lower min_history, "
             "queries_per_user or the user counts"
         )
-    ends = [s.test_users, s.test_users + s.dev_users]
-    return {
-        "test": drawn[: ends[0]],
-        "dev": drawn[ends[0] : ends[1]],
-        "train": drawn[ends[1] :],
-    }, held
+    return splits, held
 
 
 def write_chitchat_lamp(directory: str | Path, settings: SplitSettings) -> Path:

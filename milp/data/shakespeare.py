@@ -220,8 +220,13 @@ class SplitSettings:
     train_users: int = 16
     # A directory of `*_gut.txt` play texts (null: the installed package's).
     texts: str | None = None
+    # Plays that must not be test plays (their characters' results informed fixed
+    # settings before); they may still be dev or train plays.
+    never_test_plays: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        plays = tuple(str(p) for p in self.never_test_plays or ())
+        object.__setattr__(self, "never_test_plays", plays)
         setting_int("data.users.min_history", self.min_history, 1)
         setting_int("data.users.max_history", self.max_history, 1, "all earlier replies")
         setting_int("data.users.queries_per_user", self.queries_per_user, 1)
@@ -309,7 +314,14 @@ def split_plays(
                     f"{s.dev_plays}+ plays) and {s.train_users} train users drawn by whole "
                     "plays; lower min_history or the user counts"
                 )
-            name = queue.pop(0)
+            allowed = [n for n in queue if split != "test" or n not in s.never_test_plays]
+            if not allowed:
+                raise MilpError(
+                    f"data.users.never_test_plays: the other plays hold too few characters "
+                    f"for {s.test_users} test users"
+                )
+            name = allowed[0]
+            queue.remove(name)
             ids = sorted(per_play[name])
             if split == "train":  # exactly train_users; test and dev keep whole plays
                 random.Random(f"shakespeare-{s.seed}-{name}").shuffle(ids)
