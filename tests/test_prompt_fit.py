@@ -247,5 +247,7 @@ def test_real_dev_prompts_keep_the_answered_turn(experiment, smollm2_tokenizer, 
             assert len(tokenizer.encode(last)) > room and last.endswith(body)
         else:
             assert body.endswith(last)
-    # Every answered turn of the dev users fits whole (16 x 10 and 11 x 5 queries).
-    assert len(queries) == {"chitchat": 160, "shakespeare": 55}[experiment] and not cut
+    # 16 x 10 and 8 x 5 queries; one Chit-Chat dev user answers a 462-word turn that no
+    # budget of 512 tokens fits (cut, its end kept, as checked above); the rest fit whole.
+    assert len(queries) == {"chitchat": 160, "shakespeare": 40}[experiment]
+    assert len(cut) == {"chitchat": 1, "shakespeare": 0}[experiment]
