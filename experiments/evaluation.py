@@ -3,16 +3,22 @@ the settings tuning chose, exactly as the frozen plan (experiments/plan.py) hold
 
 A method's test run is `python -m milp.train +experiment=... +method=<config>` plus its
 tuned settings. The two controls of MiLP's memory run MiLP's chosen settings with one
-change, what the memory trains on (`history_of`, milp/data/controls.py): another test
+change, what the memory is made from (`history_of`, milp/data/controls.py): another test
 user's history (`milp_swapped`) or the train split's pooled items for the same steps
-(`milp_task_ft`). Methods without training (zero-shot, retrieval) are deterministic and
-run with the first seed only; every other method runs every seed.
+(`milp_task_ft`). `milp_swapped` and MiLP + retrieval (`milp_rag`) answer with the very
+memories MiLP's run of the same seed trained (`memory.trained_in`): each user with
+another test user's memory, or with their own and retrieval's chosen k in the prompt, so
+each differs from MiLP's run in that one thing and nothing trains twice. Methods without
+training (zero-shot, retrieval) are deterministic and run with the first seed only; every
+other method runs every seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import ROOT, run, train_command
@@ -21,11 +27,22 @@ from plan import check_run
 from milp.files import atomic_write_text
 from milp.metrics import rouge_1, rouge_l
 
-#: Test-run method -> (+method config, the tuning whose settings it takes, extra overrides).
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How a method's test run differs from `+method=<its name>` with its own tuning."""
+
+    config: str  # the +method config
+    tuned_by: tuple[str, ...]  # the tunings whose chosen settings it takes
+    extra: tuple[str, ...] = ()  # its own overrides
+    memories_of: str | None = None  # the method whose stored memories answer (same seed)
+
+
 RUNS = {
-    "milp_default": ("milp", None, []),
-    "milp_swapped": ("milp", "milp", ["history_of=swapped"]),
-    "milp_task_ft": ("milp", "milp", ["history_of=pooled_train"]),
+    "milp_default": RunSpec("milp", ()),
+    "milp_swapped": RunSpec("milp", ("milp",), ("history_of=swapped",), memories_of="milp"),
+    "milp_task_ft": RunSpec("milp", ("milp",), ("history_of=pooled_train",)),
+    "milp_rag": RunSpec("milp_rag", ("milp", "rag"), memories_of="milp"),
 }
 #: Methods whose answers do not depend on the seed (no training, greedy decoding).
 UNTRAINED = ("zero_shot", "rag")
@@ -33,29 +50,55 @@ UNTRAINED = ("zero_shot", "rag")
 ATTRIBUTED = ("milp", "milp_default")
 
 
+def spec_of(method: str) -> RunSpec:
+    return RUNS.get(method, RunSpec(method, (method,)))
+
+
 def method_config(method: str) -> str:
-    return RUNS.get(method, (method, None, []))[0]
+    return spec_of(method).config
 
 
 def seeds_for(method: str, seeds: list[int]) -> list[int]:
     return seeds[:1] if method in UNTRAINED else list(seeds)
 
 
-def run_overrides(method: str, tuning: dict[str, dict], common: list[str]) -> list[str]:
+def run_dir(out: Path, method: str, seed: int | str) -> Path:
+    return out / "runs" / method / f"seed{seed}"
+
+
+def test_order(methods: list[str]) -> list[str]:
+    """The methods in the order their test runs go: a run answering with another method's
+    memories after that method's."""
+    sources = [m for m in methods if spec_of(m).memories_of is None]
+    for method in methods:
+        source = spec_of(method).memories_of
+        if source is not None and source not in methods:
+            raise SystemExit(f"reproduce: {method} answers with {source}'s memories: add {source}")
+    return sources + [m for m in methods if m not in sources]
+
+
+def run_overrides(method: str, tuning: dict[str, dict], common: list[str], out: Path) -> list[str]:
     """A test run's overrides except its seed and run dir: the method's config, the common
-    overrides, its tuned settings (or the tuned method's it controls), its own extras."""
-    _, tuned_by, extra = RUNS.get(method, (method, method, []))
-    chosen = tuning.get(tuned_by, {}).get("settings", []) if tuned_by else []
+    overrides, its tuned settings (or those of the methods it combines or controls), its
+    own extras; `${seed}` in them is the run's seed."""
+    spec = spec_of(method)
+    chosen = [s for name in spec.tuned_by for s in tuning.get(name, {}).get("settings", [])]
     attribution = [] if method in ATTRIBUTED else ["attribution.enabled=false"]
+    memories = []
+    if spec.memories_of is not None:
+        source = run_dir(out, spec.memories_of, "${seed}")
+        shown = os.path.relpath(source, ROOT) if source.is_relative_to(ROOT) else str(source)
+        memories = [f"memory.trained_in={shown}"]
     return [
-        f"+method={method_config(method)}",
+        f"+method={spec.config}",
         "split=test",
         "compare_without_memory=false",
         "logger=none",
         "callbacks=none",
         *common,
         *chosen,
-        *extra,
+        *spec.extra,
+        *memories,
         *attribution,
     ]
 
@@ -87,11 +130,11 @@ def evaluate_methods(
     """Run every method for its seeds on the test users, as the plan in `out` holds them;
     finished runs (their reproduce.json) are read back, not run again."""
     results: dict[str, list[dict]] = {}
-    for method in methods:
-        overrides = run_overrides(method, tuning, common)
+    for method in test_order(methods):
+        overrides = run_overrides(method, tuning, common, out)
         for seed in seeds_for(method, seeds):
-            run_dir = out / "runs" / method / f"seed{seed}"
-            record = run_dir / "reproduce.json"
+            directory = run_dir(out, method, seed)
+            record = directory / "reproduce.json"
             if record.is_file():
                 stored = json.loads(record.read_text())["settings"]
                 if stored != overrides:
@@ -102,12 +145,12 @@ def evaluate_methods(
                 check_run(out, method, seed, overrides)
                 seconds = run(
                     train_command(
-                        experiment, *overrides, f"seed={seed}", f"hydra.run.dir={run_dir}"
+                        experiment, *overrides, f"seed={seed}", f"hydra.run.dir={directory}"
                     ),
                     out / "logs" / f"{method}-seed{seed}.log",
                 )
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-                users = [json.loads(p.read_text()) for p in sorted(run_dir.glob("users/*.json"))]
+                metrics = json.loads((directory / "metrics.json").read_text())
+                users = [json.loads(p.read_text()) for p in sorted(directory.glob("users/*.json"))]
                 atomic_write_text(
                     record,
                     json.dumps(
@@ -125,7 +168,7 @@ def evaluate_methods(
                     ),
                 )
             results.setdefault(method, []).append(json.loads(record.read_text()))
-    return results
+    return {m: results[m] for m in methods if m in results}
 
 
 def test_users(experiment: str, common: list[str]) -> tuple[list[str], str]:

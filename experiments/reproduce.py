@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation import evaluate_methods, run_overrides, seeds_for, test_users
+from evaluation import evaluate_methods, run_overrides, seeds_for, spec_of, test_users
 from jobs import ROOT, run
 from plan import freeze
 from plan import summary as plan_summary
@@ -189,9 +189,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown or 'none given'} (known: {', '.join(METHODS)})")
-    controls = [m for m in args.methods if m in ("milp_swapped", "milp_task_ft")]
-    if controls and "milp" not in args.methods:
-        parser.error(f"--methods: {','.join(controls)} control MiLP's memory: add milp")
+    for method in args.methods:  # the controls and MiLP + retrieval take MiLP's choices
+        needs = [m for m in spec_of(method).tuned_by if m not in args.methods]
+        if needs:
+            parser.error(f"--methods: {method} takes {', '.join(needs)}'s settings: add it")
     if args.reference not in args.methods:
         parser.error(f"--reference {args.reference}: not among --methods {','.join(args.methods)}")
     args.experiment = profile.experiment
@@ -266,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         source=args.name,
         experiment=args.experiment,
         runs={
-            m: {"seeds": seeds_for(m, args.seeds), "overrides": run_overrides(m, tuning, common)}
+            m: {
+                "seeds": seeds_for(m, args.seeds),
+                "overrides": run_overrides(m, tuning, common, out),
+            }
             for m in args.methods
         },
         test_user_ids=test_ids,

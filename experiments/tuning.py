@@ -3,12 +3,13 @@ validation users, and all choices are made before any test user is answered.
 
 Each tuned method has its space in a sweep file (`TUNING_SWEEPS`): retrieval k for
 retrieval-in-prompt, learning rate and epochs for the OPPU-style PEFT, MiLP's memory
-search (sweeps/milp_bo.yaml), and MiLP's space plus k or plus the sparse-history
-repetition for the two MiLP variants. One `python -m milp.train -m` per method runs it
-through milp's sweeper with the same trial budget, optimizer, seed, pruning rule and dev
-users (`Budget`), on ``split=dev`` and without the sweeper's own test evaluation
-(``final_overrides=[]``); a space of at most that many configurations (retrieval's k) is
-instead tried whole, once each (a grid: the optimizer would spend trials on repeats).
+search (sweeps/milp_bo.yaml), and MiLP's space plus the sparse-history repetition
+(MiLP + retrieval combines MiLP's and retrieval's choices: experiments/evaluation.py).
+One `python -m milp.train -m` per method runs it through milp's sweeper with the same
+trial budget, optimizer, seed, pruning rule and dev users (`Budget`), on ``split=dev``
+and without the sweeper's own test evaluation (``final_overrides=[]``); a space of at
+most that many configurations (retrieval's k) is instead tried whole, once each (a grid:
+the optimizer would spend trials on repeats).
 The best trial by the dev objective gives the method's settings, which the test runs
 then use. `check_dev_only` verifies, from the files the trials wrote, that no tuning job
 ran on another split.
@@ -38,7 +39,6 @@ TUNING_SWEEPS = {
     "rag": "tune_rag",
     "oppu": "tune_oppu",
     "milp": "milp_bo",
-    "milp_rag": "tune_milp_rag",
     "milp_sparse": "tune_milp_sparse",
 }
 #: Methods that are not tuned, and why.
@@ -46,7 +46,8 @@ NOT_TUNED = {
     "zero_shot": "no settings to tune",
     "milp_default": "the experiment's memory configuration (conf/experiment), not searched here",
     "milp_task_ft": "a control: MiLP's chosen settings, trained on pooled train-user items",
-    "milp_swapped": "a control: MiLP's chosen settings, each user given another's memory",
+    "milp_swapped": "a control: MiLP's memories, each user answered with another test user's",
+    "milp_rag": "MiLP's memories with retrieval's chosen k in the prompt (each tuned alone)",
 }
 TUNING_SPLIT = "dev"
 GRID_LOG = "grid.jsonl"

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from milp.data.users import User
+from milp.data.users import user_slug
 from milp.errors import MilpError
 from milp.files import fault_point, file_sha256, replace_dir
 from milp.memory import MEMORY_PREFIX, MemoryConfig, MemoryPlacement, activate_memories, lora_config
@@ -264,18 +264,22 @@ def read_bank_weights(
 
 
 def find_memory(
-    root: Path, user: User, memory: MemoryConfig, placement: MemoryPlacement
+    root: Path,
+    user_id: str,
+    memory: MemoryConfig,
+    placement: MemoryPlacement,
+    key: str = "memory.resume_from",
 ) -> Path | None:
     """A user's stored memory under `root` (None if it has none), checked to have the
-    shape of `memory` on `placement`: a memory can only continue with the same shape."""
-    directory = root / user.slug
+    shape of `memory` on `placement` (the run's own memory); `key` names the setting."""
+    directory = root / user_slug(user_id)
     index = directory / MEMORY_INDEX
     if not index.is_file():
         return None
     try:
         memory_names(directory)
     except MilpError as err:
-        raise MilpError(f"memory.resume_from: {err}") from None
+        raise MilpError(f"{key}: {err}") from None
     stored = json.loads(index.read_text())
     config = stored.get("config", {})
     wanted = {
@@ -292,11 +296,11 @@ def find_memory(
         "layers": stored.get("layers"),
         "modules": sorted(stored["modules"]) if "modules" in stored else None,
     }
-    for key, value in wanted.items():
-        if found[key] is not None and found[key] != value:
+    for name, value in wanted.items():
+        if found[name] is not None and found[name] != value:
             raise MilpError(
-                f"memory.resume_from: {directory} has {key}={found[key]}, this run has "
-                f"{key}={value}; a memory can only continue with the same shape"
+                f"{key}: {directory} has {name}={found[name]}, this run has "
+                f"{name}={value}; a stored memory is used only with the same shape"
             )
     return directory
 

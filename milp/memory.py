@@ -92,6 +92,9 @@ class MemoryConfig:
     # A run directory (or its adapters/ dir) whose users' memories this run continues
     # from instead of fresh modules (incremental memory; see milp/inject/__init__.py).
     resume_from: str | None = None
+    # A run directory (or its adapters/ dir) whose stored memories answer this run's
+    # users as they are: nothing trains (the controls of make reproduce; see milp/train.py).
+    trained_in: str | None = None
     # Where a user's memory starts: "fresh" modules, or "task": a copy of one task memory
     # trained first on the train split's pooled histories (OPPU's stage 1), so the user's
     # training adds what is personal on top of what the data set's domain shares.
@@ -148,6 +151,14 @@ class MemoryConfig:
         self.resume_from = str(self.resume_from) if self.resume_from not in (None, "") else None
         if self.resume_from is not None and not self.num_loras:
             raise MilpError("memory.resume_from needs memory (num_loras >= 1)")
+        self.trained_in = str(self.trained_in) if self.trained_in not in (None, "") else None
+        if self.trained_in is not None and not self.num_loras:
+            raise MilpError("memory.trained_in needs memory (num_loras >= 1)")
+        if self.trained_in is not None and self.resume_from is not None:
+            raise MilpError(
+                "memory.trained_in answers with stored memories as they are; "
+                "memory.resume_from trains them further: set one of the two"
+            )
         if self.init not in MEMORY_INITS:
             raise MilpError(
                 f"memory.init must be one of {', '.join(MEMORY_INITS)}, got {self.init!r}"

@@ -46,7 +46,7 @@ from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
 from milp.settings import check_train_settings
 from milp.shard import current_shard
-from milp.store import RunStore, config_fingerprint, run_lock
+from milp.store import RunStore, config_fingerprint, read_fingerprint, run_lock
 
 log = logging.getLogger("milp")
 
@@ -132,7 +132,7 @@ def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryC
     """For `memory.init=task`, the train-split users the task memory pools (checked before
     anything trains; sized like the attribution's task memory, which is then the same
     one); None otherwise."""
-    if not memory.enabled or memory.init != "task":
+    if not memory.enabled or memory.init != "task" or memory.trained_in:
         return None
     settings = cfg.get("attribution") or {}
     try:
@@ -200,7 +200,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         )
     instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
-    for user in datamodule.users:  # every memory.resume_from memory, before training
+    for user in datamodule.users:  # every resume_from / trained_in memory, before training
         injector.stored_memory(user)
     attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
     if attribution is not None and history_of != "own":
@@ -222,6 +222,13 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         "model": model_identity(base, cfg.paths.cache_dir),
         "data": config_fingerprint(data_hashes),
     }
+    if injector.trained_root is not None:
+        made_with = read_fingerprint(injector.trained_root.parent / "fingerprint.txt")
+        if made_with.get("model") != fingerprint["model"]:
+            raise MilpError(
+                f"memory.trained_in: {injector.trained_root.parent} was trained on another "
+                "base model (or is not a run directory) than this run's"
+            )
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()
     held.enter_context(run_lock(output_dir, shard.rank, shard.world_size))  # first write

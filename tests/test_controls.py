@@ -6,12 +6,15 @@ items, after the task memory's own, for the same steps as the user's own history
 """
 
 import json
+import shutil
 
 import pytest
+import torch
 from conftest import run_milp
 from safetensors.torch import load_file
 from test_attribute import TEST_WORDS, attribution_run, lamp4_files
 
+from milp.adapters import memory_digest
 from milp.data.controls import derangement, pooled_histories, swapped_histories
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
@@ -82,6 +85,45 @@ def test_swapped_users_are_answered_with_another_users_own_memory(milp_cache, tm
         for line in (swapped / "predictions.jsonl").read_text().splitlines()
     }
     assert golds == {u: f"{w} {w} {w} {w}" for u, w in TEST_WORDS.items()}
+
+    # The same control without training: the own run's stored memories, as they are.
+    stored = tmp_path / "stored"
+    trained_in = [f"memory.trained_in={own}", "history_of=swapped"]
+    run_milp(control_run(data, stored, *common, *trained_in), milp_cache)
+    for user, other in partner.items():
+        mine, theirs = weights(stored, user), weights(own, other)
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[key], theirs[key]) for key in mine), (user, other)
+        record = json.loads((stored / "users" / f"{user}.json").read_text())
+        assert record["inputs"]["start_memory"] == memory_digest(own / "adapters" / other)
+        assert record["train_loss"] is None and record["train_seconds"] == 0
+    # With each user's own history it answers exactly as the run that trained them.
+    again = tmp_path / "again"
+    run_milp(control_run(data, again, *common, f"memory.trained_in={own}"), milp_cache)
+    assert (again / "predictions.jsonl").read_text() == (own / "predictions.jsonl").read_text()
+
+
+def test_stored_memories_must_all_be_there_before_anything_is_written(milp_cache, tmp_path):
+    data = lamp4_files(tmp_path)
+    own, partial = tmp_path / "own", tmp_path / "partial"
+    run_milp(control_run(data, own, "injection=batched", "trainer.max_epochs=1"), milp_cache)
+    shutil.copytree(own, partial)
+    missing = sorted(TEST_WORDS)[0]
+    (partial / "users" / f"{missing}.json").unlink()  # an unfinished run
+    out = tmp_path / "out"
+    args = control_run(data, out, "injection=batched", f"memory.trained_in={partial}")
+    result = run_milp(args, milp_cache, check=False)
+    assert result.returncode == 2
+    assert f"holds no finished memory of user '{missing}'" in result.stderr
+    assert not (out / "users").exists()
+    # A memory whose file changed after its run recorded it is refused as well.
+    other = sorted(TEST_WORDS)[1]
+    weights_file = partial / "adapters" / other / "memory_0" / "adapter_model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-8])
+    shutil.copy(own / "users" / f"{missing}.json", partial / "users")
+    result = run_milp(args, milp_cache, check=False)
+    assert result.returncode == 2 and "memory.trained_in:" in result.stderr
+    assert not (out / "users").exists()
 
 
 def test_pooled_train_is_the_task_memory_continued_on_task_data(milp_cache, tmp_path):

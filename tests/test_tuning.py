@@ -96,16 +96,15 @@ def test_tuning_spaces_share_milps_ranges_on_dev_without_a_test_evaluation():
         "rag": {"retrieval.k"},
         "oppu": {"optim.lr", "trainer.max_epochs"},
         "milp": set(milp),
-        "milp_rag": set(milp) | {"retrieval.k"},
         "milp_sparse": set(milp) | {"data.min_examples_per_epoch"},
     }
     assert set(tuning.TUNING_SWEEPS) == set(expected)
     for method, dimensions in expected.items():
         space, objective = tuning.composed_space("lamp", method, [])
         assert set(space) == dimensions and objective == "rougeL", method
-        # retrieval's ladder starts at none (k=0, zero-shot); milp_rag's at one item.
+        # retrieval's ladder starts at none (k=0, zero-shot)
         if "retrieval.k" in space:
-            assert space["retrieval.k"] == ([0] if method == "rag" else []) + [1, 2, 4, 8]
+            assert space["retrieval.k"] == [0, 1, 2, 4, 8]
         for key in set(space) & set(milp):
             assert space[key] == milp[key], (method, key)
         sweep = yaml.safe_load(

@@ -14,7 +14,10 @@ and scoring (`answer.answer_queries`), and the result record (`TrainedUser.recor
 Incremental memory (`memory.resume_from`): a user with a stored memory there starts from
 it (all modules, trainable; fresh optimizer state) instead of fresh modules; the stored
 run is only read. `start_memory` (set by `milp.train` for `memory.init=task`) is where
-every other user starts: a copy of the run's task memory.
+every other user starts: a copy of the run's task memory. Stored memories as they are
+(`memory.trained_in`): each user is answered with the memory another run trained on the
+history this user is given (its owner's, `User.seed_id`), checked against that run's
+record; nothing trains.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
-from milp.adapters import find_memory
+from milp.adapters import find_memory, verify_memory
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User, user_seed
+from milp.errors import MilpError
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement
-from milp.store import adapters_root
+from milp.store import adapters_root, recorded_memory
 
 if TYPE_CHECKING:
     from milp.adapters import ModuleStates
@@ -103,6 +107,9 @@ class Injector:
         self.resume_root = (
             adapters_root(memory.resume_from, "memory.resume_from") if memory.resume_from else None
         )
+        self.trained_root = (
+            adapters_root(memory.trained_in, "memory.trained_in") if memory.trained_in else None
+        )
         # A stored memory every user without a resume_from memory starts from.
         self.start_memory: Path | None = None
 
@@ -116,14 +123,39 @@ class Injector:
         finally:
             self.optim["lr"] = saved
 
+    @property
+    def trains(self) -> bool:
+        """Whether users' memories are trained (not taken as they are, `memory.trained_in`)."""
+        return self.memory.enabled and self.trained_root is None
+
     def stored_memory(self, user: User) -> Path | None:
-        """The memory the user starts from: theirs under `memory.resume_from`, else
-        `start_memory`; None: fresh modules."""
+        """The memory the user starts from (`trained_memory` with `memory.trained_in`):
+        theirs under `memory.resume_from`, else `start_memory`; None: fresh modules."""
+        if self.trained_root is not None:
+            return self.trained_memory(user)
         if self.resume_root is not None:
-            stored = find_memory(self.resume_root, user, self.memory, self.placement)
+            stored = find_memory(self.resume_root, user.user_id, self.memory, self.placement)
             if stored is not None:
                 return stored
         return self.start_memory
+
+    def trained_memory(self, user: User) -> Path:
+        """With `memory.trained_in`: the stored memory of the history `user` is given (its
+        owner's), whose files must hash as that run's result record lists them."""
+        root, owner = self.trained_root, user.seed_id
+        key = "memory.trained_in"
+        stored = find_memory(root, owner, self.memory, self.placement, key=key)
+        recorded = recorded_memory(root, owner)
+        if stored is None or recorded is None:
+            raise MilpError(
+                f"{key}: {root} holds no finished memory of user {owner!r} "
+                f"(needed to answer user {user.user_id!r}); finish that run first"
+            )
+        try:
+            verify_memory(stored, recorded)
+        except MilpError as err:
+            raise MilpError(f"{key}: {err}") from None
+        return stored
 
     def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
         raise NotImplementedError

@@ -336,6 +336,11 @@ class BatchedInjector(Injector):
             for first in range(0, len(users), self.slots):
                 yield from self._answer([(u, None) for u in users[first : first + self.slots]])
             return
+        if not self.trains:  # memory.trained_in: answer with the stored memories
+            for first in range(0, len(users), self.slots):
+                group = users[first : first + self.slots]
+                yield from self._answer([(u, self._stored(u)) for u in group])
+            return
         self.loop.optimizer.lr = self.optim["lr"]  # the run's rate (see Injector.learning_rate)
 
         def start(user: User) -> UserWeights:
@@ -352,6 +357,11 @@ class BatchedInjector(Injector):
                 group = []
         if group:
             yield from self._answer(group)
+
+    def _stored(self, user: User) -> FinishedUser:
+        """A user whose memory is taken as stored (`memory.trained_in`), untrained here."""
+        weights = read_bank_weights(self.stored_memory(user), self.targets, self.memory)
+        return FinishedUser(user, weights, train_loss=None, steps=0, tokens=0, train_seconds=0.0)
 
     def _answer(self, group: list[tuple[User, FinishedUser | None]]) -> Iterator[TrainedUser]:
         """Answer a group of users (each row routed to its user's slot); the answering time

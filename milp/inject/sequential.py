@@ -46,8 +46,8 @@ class SequentialInjector(Injector):
                 else load_memory(model, stored, trainable=True)
             )
         try:
-            train_loss = self.train(model, user) if enabled else None
-            train_seconds = time.perf_counter() - started
+            train_loss = self.train(model, user) if self.trains else None
+            train_seconds = time.perf_counter() - started if self.trains else 0.0
 
             def switch(user_ids: list[str], use_memory: bool):
                 return nullcontext() if use_memory or not enabled else model.disable_adapter()
