@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from results_tables import METHODS, label, present
+from stats import lower_is_better
 from tuning import read_trials
-
-from milp.stats import lower_is_better
 
 
 def _pyplot():

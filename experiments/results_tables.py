@@ -3,7 +3,7 @@
 `results` maps a method to its test runs (one record per seed, as `reproduce.py` writes
 them: overall metrics, wall time, and per user: id, history size, metrics, per-example
 ROUGE). Per-user figures are first averaged over seeds, then compared by user
-(milp.stats): a paired bootstrap interval for the mean of (reference - baseline) and
+(experiments/stats.py): a paired bootstrap interval for the mean of (reference - baseline) and
 wins / ties / losses. Metrics a run does not report (e.g. likelihood scores from older
 runs) are left out rather than shown empty.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from milp.stats import bootstrap_aggregate, compare, lower_is_better, seed_spread
+from stats import bootstrap_aggregate, compare, lower_is_better, seed_spread
 
 METHODS = {
     "zero_shot": "zero-shot",

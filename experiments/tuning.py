@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 from jobs import ROOT, run, train_command
+from stats import lower_is_better
 
 from milp.files import atomic_write_text
-from milp.stats import lower_is_better
 
 #: method -> the sweep file (sweeps/<name>.yaml) that holds its tuning space.
 TUNING_SWEEPS = {

@@ -4,7 +4,7 @@ test users with paired statistics, and the figures behind them.
 Per user, a method's score is the mean over the user's queries, averaged over its seeds.
 Each claim compares two methods on the users both answered: the mean paired difference
 with its Student-t 95% interval over users, a paired sign-flip permutation p-value and
-wins / ties / losses (milp.stats.paired_test). The claims are tested together: their
+wins / ties / losses (stats.paired_test). The claims are tested together: their
 p-values are Holm-adjusted over all the claims of the table. A claim **holds** where the
 whole interval lies on the claimed side and its adjusted p is below 0.05, **does not
 hold** where the interval lies wholly on the other side with adjusted p below 0.05, and
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from results_tables import METHODS, per_user
-
-from milp.stats import lower_is_better, nll_decomposition, paired_test, seed_spread
+from stats import lower_is_better, nll_decomposition, paired_test, seed_spread
 
 ALPHA = 0.05
 

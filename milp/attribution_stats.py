@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import permutations as all_permutations
 from typing import Any
 
@@ -24,13 +24,25 @@ import numpy as np
 
 from milp.data.controls import namespace
 from milp.errors import MilpError
-from milp.stats import PermutationP
 
 TIE_TOLERANCE = 1e-6  # nats: NLLs this close count as a tie
 TASK_MEMORY, NO_MEMORY = "task memory", "no memory"
 #: Owner permutation p-values enumerate all N! assignments up to this many users (8! = 40,320).
 EXACT_PERMUTATION_USERS = 8
 _CHUNK_CELLS = 1 << 22  # permutations x users scored at once: memory stays ~32 MB
+
+
+@dataclass(frozen=True)
+class PermutationP:
+    """A permutation p-value: the observed statistic, p, how many rearrangements it was
+    computed from, whether that was all of them (`exact`: p = reached / all) or `seed`ed
+    random draws (p = (reached + 1) / (draws + 1), never 0)."""
+
+    observed: float
+    p: float
+    permutations: int
+    exact: bool
+    seed: int | None
 
 
 def owner_credit(scores: Sequence[float], owner: int) -> tuple[float, float]:

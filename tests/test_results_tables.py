@@ -8,8 +8,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import results_tables as tables  # noqa: E402 (a script folder, not a package)
-
-from milp.stats import bootstrap_aggregate  # noqa: E402
+from stats import bootstrap_aggregate  # noqa: E402
 
 
 def run_record(scores: dict[str, tuple[float, ...]], nll: dict[str, float] | None = None) -> dict:

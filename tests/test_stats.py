@@ -1,18 +1,23 @@
-"""milp.stats: paired bootstrap by user, wins/ties/losses, LaMP's ROUGE aggregation, the
-paired t-interval, the sign-flip p-value, the NLL decomposition and the seed spread."""
+"""experiments/stats.py: paired bootstrap by user, wins/ties/losses, LaMP's ROUGE
+aggregation, the paired t-interval, the sign-flip p-value, the NLL decomposition and the
+seed spread."""
 
 import json
+import sys
 from dataclasses import asdict
 from fractions import Fraction
 from itertools import product
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from rouge_score import rouge_scorer, scoring
 
 from milp.errors import MilpError
 from milp.metrics import rouge_l
-from milp.stats import (
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from stats import (  # noqa: E402 (a script folder, not a package)
     bootstrap_aggregate,
     compare,
     lower_is_better,

@@ -24,7 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import stdtrit
 
+from milp.attribution_stats import PermutationP
 from milp.errors import MilpError
 
 #: Per-user metrics where a lower value is better (likelihood-type scores).
@@ -204,19 +206,6 @@ class PairedT:
 
 
 @dataclass(frozen=True)
-class PermutationP:
-    """A permutation p-value: the observed statistic, p, how many rearrangements it was
-    computed from, whether that was all of them (`exact`: p = reached / all) or `seed`ed
-    random draws (p = (reached + 1) / (draws + 1), never 0)."""
-
-    observed: float
-    p: float
-    permutations: int
-    exact: bool
-    seed: int | None
-
-
-@dataclass(frozen=True)
 class PairedTest:
     """Method A against method B on the users both answered: Δ = A - B per user (raw, as
     `compare`), its t-interval, the sign-flip p-value, and W/T/L counted in the metric's
@@ -269,10 +258,6 @@ def paired_t(differences: Sequence[float], *, confidence: float = 0.95) -> Paire
     mean = float(d.mean())
     if d.size < 2:
         return PairedT(1, mean, None, None, confidence, None, None)
-    # Imported here so that importing milp.stats (milp.train does, via attribution) does
-    # not load scipy.
-    from scipy.special import stdtrit
-
     sd = float(d.std(ddof=1))
     se = sd / np.sqrt(d.size)
     half = float(stdtrit(d.size - 1, 0.5 + confidence / 2)) * se
