@@ -132,6 +132,7 @@ def test_every_injection_option_builds_an_injector(option, cache):
     placement = place_memory(memory, base.model)
     injector = milp_train.make_injector(cfg, base, memory, placement, datamodule)
     assert isinstance(injector, Injector)
+    assert type(injector).__name__ == f"{option.capitalize()}Injector"
 
 
 @pytest.mark.parametrize("option", options(CONF / "experiment"))
@@ -142,6 +143,148 @@ def test_every_experiment(option, cache):
     with open_dict(cfg):
         cfg.paths.output_dir = "run"  # Hydra's run dir: known only inside a run
     OmegaConf.to_container(cfg, resolve=True)  # every other interpolation resolves
+
+
+def flat(node: DictConfig) -> dict:
+    """A composed config as dotted keys -> plain values (interpolations left as written)."""
+    out = {}
+    for key, value in OmegaConf.to_container(node, resolve=False).items():
+        if isinstance(value, dict):
+            out |= {f"{key}.{k}": v for k, v in flat(OmegaConf.create(value)).items()}
+        else:
+            out[str(key)] = value
+    return out
+
+
+# What defines each experiment, as composed: a default of a config group that changes
+# one of these changes the experiment, and fails here.
+RUN = {"seed": 0, "split": "test", "objective": "rougeL", "history_of": "own"}
+RUN |= {"compare_without_memory": True, "optim.weight_decay": 0.0, "optim.warmup_steps": 0}
+RUN |= {"generation.do_sample": False, "generation.num_beams": 1, "retrieval.k": 0}
+RUN |= {"trainer.gradient_clip_val": 1.0, "trainer.precision": "32-true"}
+RUN |= {"memory.alpha": 16, "memory.dropout": 0.0, "memory.target_modules": ["ffn"]}
+RUN |= {"injection._target_": "milp.inject.sequential.SequentialInjector", "data.batch_size": 8}
+REAL = {
+    "model._target_": "milp.models.smollm2.load_smollm2",
+    "memory.num_loras": 1,
+    "memory.rank": 8,
+    "memory.layers": "top_half",
+    "memory.init": "task",
+    "attribution.enabled": True,
+    "attribution.task_memory": True,
+    "attribution.task_lr": 1.0e-3,
+    "optim.lr": 3.0e-4,
+    "data.users.max_history": 64,
+    "data.users.context_turns": 4,
+    "data.prompt_format.max_prompt_tokens": 512,
+    "data.prompt_format.max_target_tokens": 40,
+    "generation.max_new_tokens": 32,
+    "generation.no_repeat_ngram_size": 3,
+}
+EXPERIMENTS = {
+    "lamp": RUN
+    | {
+        "model._target_": "milp.models.tiny.load_tiny_model",
+        **{f"model.{k}": v for k, v in dict(vocab_size=1024, hidden_size=128).items()},
+        **{f"model.{k}": v for k, v in dict(intermediate_size=352, num_layers=8).items()},
+        **{f"model.{k}": v for k, v in dict(num_heads=4, pretrain_pairs=4000).items()},
+        **{f"model.{k}": v for k, v in dict(epochs=3, lr=0.003, seed=0, data_seed=0).items()},
+        "data.name": "synthetic-lamp4",
+        "data.users.max_history": 64,
+        "data.prompt_format.max_prompt_tokens": 256,
+        "data.prompt_format.max_target_tokens": 48,
+        "memory.num_loras": 2,
+        "memory.rank": 8,
+        "memory.layers": "all",
+        "memory.init": "fresh",
+        "trainer.max_epochs": 8,
+        "optim.lr": 1.0e-2,
+        "generation.max_new_tokens": 32,
+        "attribution.enabled": False,
+    },
+    "chitchat": RUN
+    | REAL
+    | {
+        "data.name": "chitchat",
+        "data.users.queries_per_user": 10,
+        "data.users.min_query_conversations": 3,
+        "data.users.test_users": 32,
+        "data.users.dev_users": 16,
+        "data.users.train_users": 8,
+        "trainer.max_epochs": 4,
+    },
+    "shakespeare": RUN
+    | REAL
+    | {
+        "data.name": "shakespeare",
+        "data.users.queries_per_user": 5,
+        "data.users.test_users": 32,
+        "data.users.dev_users": 8,
+        "data.users.dev_plays": 3,
+        "data.users.train_users": 16,
+        "trainer.max_epochs": 2,
+    },
+}
+
+
+def test_every_experiment_is_pinned():
+    assert sorted(EXPERIMENTS) == options(CONF / "experiment")
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_each_experiment_composes_to_its_settings(experiment):
+    settings = flat(composed(f"+experiment={experiment}"))
+    expected = EXPERIMENTS[experiment]
+    assert {k: settings.get(k, "<missing>") for k in expected} == expected
+
+
+def test_the_bare_command_runs_the_embedded_experiment():
+    """`python -m milp.train` with no experiment is the main job (the README says so)."""
+    assert flat(composed()) == flat(composed("+experiment=lamp"))
+
+
+# What each method sets on top of an experiment, and that it changes nothing else: MiLP's
+# methods keep the experiment's memory; the others bring their own (or none).
+NO_MEMORY = {"memory.num_loras": 0}
+METHODS = {
+    "zero_shot": (NO_MEMORY | {"retrieval.k": 0}, ("memory.",)),
+    "rag": (NO_MEMORY | {"retrieval.k": 2}, ("memory.",)),
+    "oppu": (
+        {"memory.num_loras": 1, "memory.rank": 8, "memory.layers": "all", "retrieval.k": 0}
+        | {"memory.target_modules": ["q_proj", "v_proj"], "memory.alpha": 16},
+        ("memory.",),
+    ),
+    "milp": ({"retrieval.k": 0}, ()),
+    "milp_rag": ({"retrieval.k": 2}, ("retrieval.",)),
+    "milp_sparse": ({"retrieval.k": 0, "data.min_examples_per_epoch": 16}, ()),
+}
+
+
+def test_every_method_is_pinned():
+    assert sorted(METHODS) == options(CONF / "method")
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_sets_its_settings_and_nothing_else(method, experiment):
+    base = flat(composed(f"+experiment={experiment}"))
+    settings = flat(composed(f"+experiment={experiment}", f"+method={method}"))
+    expected, replaced = METHODS[method]
+    assert {k: settings.get(k, "<missing>") for k in expected} == expected
+    changed = {k for k in base.keys() | settings.keys() if base.get(k) != settings.get(k)}
+    assert {k for k in changed if not k.startswith(replaced) and k not in expected} == set()
+    if method != "oppu" and expected.get("memory.num_loras") != 0:
+        assert {k: v for k, v in settings.items() if k.startswith("memory.")} == {
+            k: v for k, v in base.items() if k.startswith("memory.")
+        }
+
+
+def test_the_gpu_trainer_composes():
+    default, gpu = flat(composed()), flat(composed("trainer=gpu"))
+    assert (gpu["trainer.accelerator"], gpu["trainer.precision"]) == ("gpu", "bf16-mixed")
+    changed = {k for k in default if default[k] != gpu[k]}
+    assert changed == {"trainer.accelerator", "trainer.precision"}
+    assert_targets_resolve(composed("trainer=gpu"))
 
 
 @pytest.mark.parametrize("experiment", options(CONF / "experiment"))
