@@ -28,6 +28,7 @@ among plain strings).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,12 @@ from torch import nn
 
 from milp.data.checks import setting_number
 from milp.errors import MilpError
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` alias each time it wraps
+# a model (once per user); the deprecation is theirs to resolve, not the user's.
+warnings.filterwarnings(
+    "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 LAYER_PRESETS = ("all", "top_half", "bottom_half", "every_other")
 

@@ -37,7 +37,7 @@ from milp.data.controls import check_history_of, pooled_histories, swapped_histo
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User, user_hash
 from milp.errors import MilpError, exit_with, os_fault
-from milp.inject import Injector, TrainedUser
+from milp.inject import Injector, TrainedUser, quiet_lightning
 from milp.inject.fast import FastPath
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
 from milp.metrics import OBJECTIVE_NAMES
@@ -198,7 +198,8 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
             placement.layers,
             placement.modules,
         )
-    instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
+    with quiet_lightning():
+        instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
     injector = make_injector(cfg, base, memory, placement, datamodule)
     for user in datamodule.users:  # every resume_from / trained_in memory, before training
         injector.stored_memory(user)
@@ -288,12 +289,12 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         todo = []
     progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
     try:
-        for index, trained in enumerate(injector.run(todo), start=len(done)):
+        trained_users = injector.run(todo, report=progress.set_postfix_str)
+        for index, trained in enumerate(trained_users, start=len(done)):
             user = trained.user
             result = store_user(store, trained, memory, placement, base, inputs[user.user_id])
             done[user.user_id] = result
             progress.update()
-            progress.set_postfix_str(f"user {user.user_id}")
             if logger is not None and result["memory"]:
                 logger.log_metrics(
                     {f"user/{k}": v for k, v in result["memory"].items()}, step=index

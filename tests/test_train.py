@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +23,6 @@ FAST = [
     "trainer.max_epochs=2",
     "memory.rank=2",
     "generation.max_new_tokens=12",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
 ]
 
 
@@ -31,6 +30,11 @@ def test_end_to_end_run_writes_adapters_predictions_and_metrics(milp_cache, tmp_
     out = tmp_path / "run"
     result = run_milp([*FAST, "logger=csv", f"hydra.run.dir={out}"], milp_cache)
     assert "memory injection" in result.stdout and "no memory (same users)" in result.stdout
+    # One progress bar (users, and the steps of the user in training), no per-user
+    # Lightning banners or expected warnings; stdout holds the table.
+    assert "users: 100%" in result.stderr and re.search(r"step (\d+)/\1\]", result.stderr)
+    for noise in ("GPU available", "Tip:", "eval mode", "Warning", "warnings.warn", "Epoch 0"):
+        assert noise not in result.stderr + result.stdout, noise
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["users"] == 3 and metrics["memory"]["examples"] == 9

@@ -22,7 +22,9 @@ record; nothing trains.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,27 @@ def seed_user(seed: int, user_id: str) -> None:
     """Seed everything for one user: its fresh memory weights and its data order depend on
     (seed, user id) only, not on which users ran before it or beside it."""
     L.seed_everything(user_seed(seed, user_id), workers=True, verbose=False)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """One Trainer per user: Lightning's banners (accelerators, a logging tip, why fit
+    stopped) would repeat for every user, so its info lines are held back, and so are the
+    warnings this design raises on purpose."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # The frozen base model stays in eval mode (no dropout) while its memory trains.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+            # The user's data module serves queries as its val loader; fit validates nothing.
+            warnings.filterwarnings("ignore", message=r".*val_dataloader.*validation_step")
+            # Lightning's own use of a torch pytree API that torch deprecates.
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated")
+            yield
+    finally:
+        rank_zero.setLevel(level)
 
 
 @dataclass
@@ -157,5 +180,9 @@ class Injector:
             raise MilpError(f"{key}: {err}") from None
         return stored
 
-    def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
+    def run(
+        self, users: Sequence[User], report: Callable[[str], None] | None = None
+    ) -> Iterator[TrainedUser]:
+        """Train and answer `users`, yielding each when done; `report` is given a short
+        status of the training steps as they go (the run's progress bar shows it)."""
         raise NotImplementedError

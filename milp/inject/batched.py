@@ -203,6 +203,7 @@ class SlotTrainer:
         datamodule: UserDataModule,
         start: Callable[[User], UserWeights],
         seed: int = 0,
+        report: Callable[[str], None] | None = None,
     ) -> Iterator[FinishedUser]:
         """Train every user's memory; yields each user as soon as its steps are done.
 
@@ -215,6 +216,8 @@ class SlotTrainer:
             users, key=lambda u: -planned_steps(u, datamodule.batch_size, settings)
         )  # longest first keeps the slots busy until the end
         active: list[_Slot | None] = [None] * slots
+        planned = sum(planned_steps(u, datamodule.batch_size, settings) for u in users)
+        steps_done = 0
         self.model.to(self.device)
         # Module modes stay as they are, as under Lightning's fit: the frozen base as loaded
         # (eval), the new memory wrappers in training mode (their dropout is active).
@@ -239,6 +242,9 @@ class SlotTrainer:
                         slot = active[s]
                         slot.upcoming = next(slot.stream, None)
                     elapsed = time.perf_counter() - started
+                    steps_done += len(running)
+                    if report is not None:
+                        report(f"{len(running)} training, user-steps {steps_done}/{planned}")
                     total_tokens = max(sum(int(tokens[s]) for s in running), 1)
                     for s in running:
                         slot = active[s]
@@ -331,7 +337,9 @@ class BatchedInjector(Injector):
                 self.targets, self.slots, self.memory, device=self.loop.device
             )
 
-    def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
+    def run(
+        self, users: Sequence[User], report: Callable[[str], None] | None = None
+    ) -> Iterator[TrainedUser]:
         if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
             for first in range(0, len(users), self.slots):
                 yield from self._answer([(u, None) for u in users[first : first + self.slots]])
@@ -350,7 +358,8 @@ class BatchedInjector(Injector):
             return read_bank_weights(stored, self.targets, self.memory)
 
         group: list[tuple[User, FinishedUser]] = []
-        for done in self.loop.train(users, self.datamodule, start, seed=self.seed):
+        trained = self.loop.train(users, self.datamodule, start, seed=self.seed, report=report)
+        for done in trained:
             group.append((done.user, done))
             if len(group) == self.slots:
                 yield from self._answer(group)

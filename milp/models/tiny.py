@@ -27,7 +27,7 @@ from milp.data.datamodule import IGNORE_INDEX, PromptFormat, pad_right
 from milp.data.synthetic import GENERATOR_VERSION, ensure_synthetic_lamp, load_generic_corpus
 from milp.files import publish_dir
 from milp.inject.fast import length_bucketed_batches
-from milp.models.hf import BaseModel, load_base_model
+from milp.models.hf import BaseModel, load_base_model, no_progress_bars
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     with publish_dir(directory, "pretrain.json") as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        with no_progress_bars():
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         summary = {
             "spec": asdict(spec),
