@@ -309,9 +309,10 @@ def run_ceiling(args, cfg, base, users, dm, out: Path, shared_memory: bool) -> t
     """
     import torch
 
-    from milp.inject.bank import MemoryBank, fresh_weights, memory_targets
+    from milp.inject.bank import MemoryBank, fresh_weights
     from milp.inject.fast import fast_autocast, fast_training
     from milp.inject.loss import pack_rows, pad_batch, target_loss
+    from milp.memory import place_memory
 
     fast = fast_path(cfg)
     slots = min(args.users_per_batch, len(users))
@@ -327,7 +328,7 @@ def run_ceiling(args, cfg, base, users, dm, out: Path, shared_memory: bool) -> t
     row_slots = row_slots.to(args.device)
     if shared_memory:
         memory = instantiate_memory(cfg)
-        targets = memory_targets(base.model, memory)
+        targets = place_memory(memory, base.model).targets
         bank = MemoryBank(targets, 1, memory, device=args.device)
         bank.load_user(0, fresh_weights(targets, memory))
         bank.attach(base.model)
@@ -394,13 +395,13 @@ def run_lightning(args, cfg, base, users, dm, out: Path) -> int:
 def run_batched(args, cfg, base, users, dm, out: Path) -> int:
     """milp's batched path: users_per_batch users per forward/backward pass."""
     from milp.adapters import adapter_config, bank_module_states, save_memory
-    from milp.inject.bank import fresh_weights, memory_targets
+    from milp.inject.bank import fresh_weights
     from milp.inject.batched import SlotTrainer, TrainSettings
     from milp.memory import place_memory
 
     memory = instantiate_memory(cfg)
-    targets = memory_targets(base.model, memory)
     placement = place_memory(memory, base.model)
+    targets = placement.targets
     lora = adapter_config(memory, placement, base.model)
     loop = SlotTrainer(
         base.model,
@@ -486,11 +487,11 @@ def workload(args):
         steps += epochs * math.ceil(len(user.history) / bs)
     model = base.model
     memory = instantiate(cfg.memory)
-    from milp.inject.bank import memory_targets
+    from milp.memory import place_memory
 
     lora = sum(
         memory.num_loras * memory.rank * (t.in_features + t.out_features)
-        for t in memory_targets(model, memory)
+        for t in place_memory(memory, model).targets
     )
     import torch
 

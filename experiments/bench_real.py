@@ -219,13 +219,13 @@ def run_fast(args, cfg, base, users, dm, fmt, out: Path) -> None:
 def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
     """milp's batched path (all users' memories in one MemoryBank), fast path on."""
     from milp.adapters import adapter_config, bank_module_states, save_memory
-    from milp.inject.bank import fresh_weights, memory_targets
+    from milp.inject.bank import fresh_weights
     from milp.inject.batched import SlotTrainer, TrainSettings
     from milp.memory import place_memory
 
     memory = dm_memory(cfg)
-    targets = memory_targets(base.model, memory)
     placement = place_memory(memory, base.model)
+    targets = placement.targets
     lora = adapter_config(memory, placement, base.model)
     loop = SlotTrainer(
         base.model,

@@ -35,10 +35,17 @@ from torch import nn
 from milp.data.users import user_slug
 from milp.errors import MilpError
 from milp.files import fault_point, file_sha256, replace_dir
-from milp.memory import MEMORY_PREFIX, MemoryConfig, MemoryPlacement, activate_memories, lora_config
+from milp.memory import (
+    MEMORY_PREFIX,
+    MemoryConfig,
+    MemoryPlacement,
+    Target,
+    activate_memories,
+    lora_config,
+)
 
 if TYPE_CHECKING:  # the bank layout (milp/inject/bank.py), which imports nothing from here
-    from milp.inject.bank import Target, UserWeights
+    from milp.inject.bank import UserWeights
 
 MEMORY_INDEX = "memory.json"
 PEFT_PREFIX = "base_model.model."

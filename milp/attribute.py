@@ -56,8 +56,8 @@ from milp.data.users import HistoryPair, User, user_hash
 from milp.errors import MilpError, exit_with, os_fault
 from milp.files import atomic_write_bytes, atomic_write_text
 from milp.inject.answer import gold_nll, gold_targets
-from milp.inject.bank import MemoryBank, memory_targets
-from milp.memory import MemoryConfig, MemoryPlacement
+from milp.inject.bank import MemoryBank
+from milp.memory import MemoryConfig, MemoryPlacement, place_memory
 from milp.store import recorded_memory
 
 log = logging.getLogger("milp")
@@ -241,7 +241,7 @@ def score_memories(
     shape = stored_memory_config(stored[0]) if stored else None
     bank = targets = None
     if shape is not None:
-        targets = memory_targets(model, shape)
+        targets = place_memory(shape, model).targets
         bank = MemoryBank(targets, 1, shape, device=next(model.parameters()).device)
     modes = {m: m.training for m in model.modules()}
     model.eval()

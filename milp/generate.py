@@ -50,8 +50,8 @@ from milp.data.users import Query, user_slug
 from milp.errors import MilpError, exit_with, os_fault
 from milp.files import atomic_write_text
 from milp.inject.answer import generate_answers
-from milp.inject.bank import MemoryBank, memory_targets
-from milp.memory import remove_memory
+from milp.inject.bank import MemoryBank
+from milp.memory import place_memory, remove_memory
 from milp.settings import check_generation
 from milp.store import adapters_root, recorded_memory
 
@@ -149,7 +149,7 @@ class MixedServer:
         bank = memory = targets = None
         if stored:
             memory = stored_memory_config(self.root / user_slug(stored[0]))
-            targets = memory_targets(self.model, memory)
+            targets = place_memory(memory, self.model).targets
             device = next(self.model.parameters()).device
             bank = MemoryBank(targets, min(users_per_batch, len(stored)), memory, device=device)
             bank.attach(self.model)

@@ -28,6 +28,7 @@ among plain strings).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -267,39 +268,74 @@ def resolve_target_modules(block: nn.Module, target_modules: Sequence[str]) -> l
 
 
 @dataclass(frozen=True)
+class Target:
+    """One module that carries memory: its path in the base model and, for a linear
+    module, its shape (None otherwise)."""
+
+    path: str
+    in_features: int | None
+    out_features: int | None
+
+
+@dataclass(frozen=True)
 class MemoryPlacement:
-    """Where memory goes in a specific model: validated layers and module names."""
+    """Where memory goes in a specific model: validated layers and module names, and the
+    modules that match them (`targets`, in the model's order: peft's)."""
 
     layers: list[int]
     modules: list[str]
     layers_pattern: str
+    targets: list[Target] = field(default_factory=list)
 
 
 def place_memory(config: MemoryConfig, model: nn.Module) -> MemoryPlacement:
-    """Validate a memory config against a model, before any training starts."""
+    """Validate a memory config against a model, before any training starts, and find
+    the modules it puts memory on."""
     pattern, stack = find_layer_stack(model)
     window = config.window
-    placement = MemoryPlacement(
-        layers=(
-            resolve_layers(config.layers, len(stack))
-            if window is None
-            else resolve_window(*window, len(stack))
-        ),
-        modules=resolve_target_modules(stack[0], config.target_modules),
-        layers_pattern=pattern,
+    layers = (
+        resolve_layers(config.layers, len(stack))
+        if window is None
+        else resolve_window(*window, len(stack))
     )
+    modules = resolve_target_modules(stack[0], config.target_modules)
+    targets = memory_targets(model, pattern, layers, modules)
     # A rank above a module's narrower side adds parameters but no expressiveness.
-    for path, module in stack[0].named_modules():
-        if isinstance(module, nn.Linear) and any(
-            path == m or path.endswith("." + m) for m in placement.modules
-        ):
-            width = min(module.in_features, module.out_features)
-            if config.rank > width:
-                raise MilpError(
-                    f"memory.rank={config.rank} is above the width of {path} "
-                    f"({module.in_features} x {module.out_features}); at most {width}"
-                )
-    return placement
+    for target in targets:
+        if target.in_features is None or target.out_features is None:
+            continue
+        width = min(target.in_features, target.out_features)
+        if config.num_loras and config.rank > width:
+            raise MilpError(
+                f"memory.rank={config.rank} is above the width of {target.path} "
+                f"({target.in_features} x {target.out_features}); at most {width}"
+            )
+    return MemoryPlacement(layers, modules, pattern, targets)
+
+
+def memory_targets(
+    model: nn.Module, layers_pattern: str, layers: Sequence[int], modules: Sequence[str]
+) -> list[Target]:
+    """The modules peft puts memory on, by peft's rule: a module whose path ends with one
+    of `modules` inside block `<layers_pattern>.<i>.` for i in `layers`, in model order."""
+    in_layer = re.compile(rf"(?:^|.*\.){re.escape(layers_pattern)}\.(\d+)\.")
+    wanted = set(layers)
+    targets = []
+    for path, module in model.named_modules():
+        if not any(path == m or path.endswith("." + m) for m in modules):
+            continue
+        layer = in_layer.match(path)
+        if layer is None or int(layer.group(1)) not in wanted:
+            continue
+        linear = isinstance(module, nn.Linear)
+        targets.append(
+            Target(
+                path,
+                module.in_features if linear else None,
+                module.out_features if linear else None,
+            )
+        )
+    return targets
 
 
 def lora_config(config: MemoryConfig, placement: MemoryPlacement) -> LoraConfig:

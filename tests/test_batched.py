@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
 from peft import PeftModel, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from milp.adapters import (
@@ -21,9 +22,9 @@ from milp.adapters import (
     read_bank_weights,
     save_memory,
 )
-from milp.inject.bank import MemoryBank, Target, fresh_weights, memory_targets
+from milp.inject.bank import MemoryBank, fresh_weights
 from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot
-from milp.memory import MemoryConfig, inject_memory, place_memory, remove_memory
+from milp.memory import MemoryConfig, Target, inject_memory, place_memory, remove_memory
 
 MEMORY = MemoryConfig(num_loras=2, rank=4, alpha=8, layers=[1, 3], target_modules=["ffn", "q_proj"])
 
@@ -42,8 +43,31 @@ def bank_weights(peft_model, targets, memory):
     return out
 
 
+@pytest.mark.parametrize(
+    "memory",
+    [
+        MEMORY,
+        MemoryConfig(num_loras=1, rank=2, layers="top_half", target_modules=["attention"]),
+        MemoryConfig(rank=2, window_start=2, window_length=9, target_modules="ffn+attention"),
+        MemoryConfig(rank=2, layers="all", target_modules=["q_proj", "v_proj"]),
+    ],
+)
+def test_placement_finds_the_modules_peft_puts_memory_on(llama, memory):
+    """The placement's targets, computed without injecting, are peft's, in peft's order."""
+    peft_model = inject_memory(llama, memory)
+    try:
+        injected = [
+            Target(path, m.in_features, m.out_features)
+            for path, m in peft_model.base_model.model.named_modules()
+            if isinstance(m, LoraLayer)
+        ]
+    finally:
+        remove_memory(peft_model)
+    assert injected and place_memory(memory, llama).targets == injected
+
+
 def test_fresh_weights_are_peft_init_bit_for_bit(llama):
-    targets = memory_targets(llama, MEMORY)
+    targets = place_memory(MEMORY, llama).targets
     assert len(targets) == 2 * 4  # 2 layers x (gate, up, down, q)
     torch.manual_seed(7)
     ours = fresh_weights(targets, MEMORY)
@@ -56,7 +80,7 @@ def test_fresh_weights_are_peft_init_bit_for_bit(llama):
 
 
 def test_routed_rows_use_only_their_own_users_memory(llama):
-    targets = memory_targets(llama, MEMORY)
+    targets = place_memory(MEMORY, llama).targets
     references, weights = [], []
     ids = torch.randint(0, 100, (3, 9))
     for seed in (1, 2):
@@ -92,7 +116,7 @@ def test_routed_rows_use_only_their_own_users_memory(llama):
 
 
 def test_exported_memory_is_plain_peft(llama, tmp_path):
-    targets = memory_targets(llama, MEMORY)
+    targets = place_memory(MEMORY, llama).targets
     torch.manual_seed(3)
     peft_model = inject_memory(llama, MEMORY)
     for name, p in peft_model.named_parameters():

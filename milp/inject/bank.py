@@ -28,49 +28,12 @@ import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from milp.errors import MilpError
-from milp.memory import (
-    MemoryConfig,
-    inject_memory,
-    remove_memory,
-)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One linear module that carries memory: its path in the base model and its shape."""
-
-    path: str
-    in_features: int
-    out_features: int
-
-
-def memory_targets(model: nn.Module, memory: MemoryConfig) -> list[Target]:
-    """The modules peft puts memory on, in peft's order, found by letting peft inject once.
-
-    The global RNG is left as it was, so callers can seed before or after.
-    """
-    with torch.random.fork_rng(devices=[]):
-        peft_model = inject_memory(model, memory)
-        try:
-            targets = [
-                Target(path, module.in_features, module.out_features)
-                for path, module in peft_model.base_model.model.named_modules()
-                if isinstance(module, LoraLayer)
-            ]
-        finally:
-            remove_memory(peft_model)
-    for target in targets:
-        if not isinstance(model.get_submodule(target.path), nn.Linear):
-            raise MilpError(f"batched memory supports nn.Linear targets only, not {target.path}")
-    return targets
-
+from milp.memory import MemoryConfig, Target
 
 # A user's memory, aligned with a bank's targets: (A [K*r, in], B [out, K*r]) per target.
 UserWeights = list[tuple[torch.Tensor, torch.Tensor]]
@@ -251,6 +214,9 @@ class MemoryBank(nn.Module):
         super().__init__()
         if not memory.enabled:
             raise ValueError("MemoryBank needs num_loras >= 1")
+        other = [t.path for t in targets if t.in_features is None]
+        if other:
+            raise MilpError(f"batched memory supports nn.Linear targets only, not {other[0]}")
         self.targets = list(targets)
         self.slots, self.memory = slots, memory
         self.scaling = memory.alpha / memory.rank

@@ -38,11 +38,11 @@ from milp.data.users import User
 from milp.errors import MilpError
 from milp.inject import Injector, TrainedUser, seed_user
 from milp.inject.answer import answer_queries
-from milp.inject.bank import MemoryBank, Target, UserWeights, fresh_weights, memory_targets
+from milp.inject.bank import MemoryBank, UserWeights, fresh_weights
 from milp.inject.fast import FastPath, fast_autocast, fast_training
 from milp.inject.loss import pack_rows, pad_batch, target_loss
 from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot, clip_grad_value_
-from milp.memory import MemoryConfig
+from milp.memory import MemoryConfig, Target
 
 # Trainer settings the batched loop follows; anything else in `trainer` that changes
 # training is refused rather than silently ignored.
@@ -175,7 +175,7 @@ class SlotTrainer:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        targets: list[Target] | None = None,
+        targets: list[Target] = (),
         fast: FastPath | None = None,
         start_layer: int = 0,
     ) -> None:
@@ -185,7 +185,7 @@ class SlotTrainer:
         self.start_layer = int(start_layer)
         self.prefix = None
         self.device = torch.device(settings.device)
-        self.targets = targets if targets is not None else memory_targets(model, memory)
+        self.targets = list(targets)
         self.bank = MemoryBank(self.targets, slots, memory, device=self.device)
         self.optimizer = SlotAdamW(
             self.bank, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
@@ -321,7 +321,7 @@ class BatchedInjector(Injector):
         self.slots = int(users_per_batch)
         self.settings = TrainSettings.from_trainer_config(self.trainer)
         if self.memory.enabled:
-            self.targets = memory_targets(self.base.model, self.memory)
+            self.targets = self.placement.targets
             self.loop = SlotTrainer(
                 self.base.model,
                 self.base.tokenizer.pad_token_id,
