@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,21 +177,38 @@ def peft_module_states(peft_model: PeftModel) -> ModuleStates:
     }
 
 
+def _rank_dim(key: str) -> int:
+    return 0 if ".lora_A." in key else 1  # A: [r, in], B: [out, r]
+
+
+def stack_modules(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A memory's modules (peft state dicts of one shape) as one module: the `num_loras`
+    modules of rank r share the scale alpha/r, so their A's stacked along the rank and
+    their B's likewise are exactly one LoRA of rank `num_loras*r` (alpha `num_loras*alpha`).
+    The one place that writes this rule; `split_modules` undoes it."""
+    return {key: torch.cat([s[key] for s in states], _rank_dim(key)) for key in states[0]}
+
+
+def split_modules(stacked: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` modules of equal rank from their stacked form (`stack_modules`)."""
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    for key, value in stacked.items():
+        for part, piece in zip(parts, value.chunk(count, _rank_dim(key)), strict=True):
+            part[key] = piece.contiguous()
+    return parts
+
+
 def bank_module_states(
     targets: list[Target], weights: UserWeights, memory: MemoryConfig
 ) -> ModuleStates:
     """A user's memory in bank layout (modules stacked along the rank), split back into
     its peft modules."""
-    r = memory.rank
-    states: ModuleStates = {}
-    for k, name in enumerate(memory.adapter_names):
-        state = {}
-        for target, (a, b) in zip(targets, weights, strict=True):
-            key = PEFT_PREFIX + target.path
-            state[f"{key}.lora_A.weight"] = a[k * r : (k + 1) * r].contiguous()
-            state[f"{key}.lora_B.weight"] = b[:, k * r : (k + 1) * r].contiguous()
-        states[name] = state
-    return states
+    stacked = {}
+    for target, (a, b) in zip(targets, weights, strict=True):
+        key = PEFT_PREFIX + target.path
+        stacked[f"{key}.lora_A.weight"], stacked[f"{key}.lora_B.weight"] = a, b
+    modules = split_modules(stacked, memory.num_loras)
+    return dict(zip(memory.adapter_names, modules, strict=True))
 
 
 def memory_names(directory: str | Path) -> list[str]:
@@ -245,8 +263,7 @@ def read_bank_weights(
             f"{memory.num_loras}"
         )
     r = memory.rank
-    a_parts: list[list[torch.Tensor]] = [[] for _ in targets]
-    b_parts: list[list[torch.Tensor]] = [[] for _ in targets]
+    states = []
     for name in names:
         config = json.loads((directory / name / CONFIG_FILE).read_text())
         if config.get("r") != r or float(config.get("lora_alpha")) != float(memory.alpha):
@@ -263,11 +280,10 @@ def read_bank_weights(
                 f"{directory / name}: placed on other modules than this memory config "
                 f"(missing {missing[:1]}, unexpected {extra[:1]})"
             )
-        for i, target in enumerate(targets):
-            key = PEFT_PREFIX + target.path
-            a_parts[i].append(state[f"{key}.lora_A.weight"].float())
-            b_parts[i].append(state[f"{key}.lora_B.weight"].float())
-    return [(torch.cat(a, 0), torch.cat(b, 1)) for a, b in zip(a_parts, b_parts, strict=True)]
+        states.append(state)
+    stacked = {key: value.float() for key, value in stack_modules(states).items()}
+    keys = [PEFT_PREFIX + t.path for t in targets]
+    return [(stacked[f"{k}.lora_A.weight"], stacked[f"{k}.lora_B.weight"]) for k in keys]
 
 
 def find_memory(
@@ -328,9 +344,7 @@ def stored_memory_config(directory: str | Path) -> MemoryConfig:
 
 
 def merged_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """A user's stored memory as one peft adapter for serving: its `num_loras` modules of
-    rank r share the scale alpha/r, so stacked along the rank they are exactly one
-    adapter of rank `num_loras*r` and alpha `num_loras*alpha`."""
+    """A user's stored memory as one peft adapter for serving (`stack_modules`)."""
     directory = Path(directory)
     names = memory_names(directory)
     configs = [LoraConfig.from_pretrained(str(directory / n)) for n in names]
@@ -343,10 +357,7 @@ def merged_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.T
             set(first.target_modules),
         ):
             raise MilpError(f"{directory}: its memory modules differ in shape; cannot stack")
-    merged = {
-        key: torch.cat([s[key] for s in states], dim=0 if ".lora_A." in key else 1)
-        for key in states[0]
-    }
+    merged = stack_modules(states)
     k = len(names)
     config = LoraConfig(
         r=first.r * k,

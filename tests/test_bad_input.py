@@ -654,7 +654,8 @@ MODEL_ROWS = [
     (
         "rank-above-width",
         jsonl_case(None, "memory.rank=1e9"),
-        "memory.rank=1000000000 is above the width of model.layers.0.mlp.gate_proj (64 x 128); at most 64",
+        "memory.rank=1000000000 is above the width of model.layers.0.mlp.gate_proj "
+        "(64 x 128); at most 64",
     ),
     (
         "pickled-adapter",

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp, start_milp
-from peft import PeftModel, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
@@ -21,6 +21,8 @@ from milp.adapters import (
     peft_module_states,
     read_bank_weights,
     save_memory,
+    split_modules,
+    stack_modules,
 )
 from milp.inject.bank import MemoryBank, fresh_weights
 from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot
@@ -64,6 +66,39 @@ def test_placement_finds_the_modules_peft_puts_memory_on(llama, memory):
     finally:
         remove_memory(peft_model)
     assert injected and place_memory(memory, llama).targets == injected
+
+
+def test_stacked_modules_are_their_sum_and_split_back_exactly(llama):
+    """One rank-K*r LoRA (alpha K*alpha) from K modules of rank r gives peft's output with
+    all K active, and splits back into the K modules bit for bit."""
+    torch.manual_seed(3)
+    peft_model = inject_memory(llama, MEMORY)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        reference = peft_model(input_ids=ids).logits
+    states = peft_module_states(peft_model)
+    remove_memory(peft_model)
+    modules = [states[n] for n in MEMORY.adapter_names]
+    stacked = stack_modules(modules)
+    for part, module in zip(split_modules(stacked, len(modules)), modules, strict=True):
+        assert part.keys() == module.keys()
+        assert all(torch.equal(part[k], module[k]) for k in module)
+    one = MemoryConfig(
+        num_loras=1,
+        rank=MEMORY.num_loras * MEMORY.rank,
+        alpha=MEMORY.num_loras * MEMORY.alpha,
+        layers=MEMORY.layers,
+        target_modules=MEMORY.target_modules,
+    )
+    peft_model = inject_memory(llama, one)
+    set_peft_model_state_dict(peft_model, stacked, adapter_name=one.adapter_names[0])
+    with torch.no_grad():
+        merged = peft_model(input_ids=ids).logits
+    remove_memory(peft_model)
+    assert torch.allclose(merged, reference, atol=1e-5)
 
 
 def test_fresh_weights_are_peft_init_bit_for_bit(llama):

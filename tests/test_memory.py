@@ -78,7 +78,11 @@ def test_attention_and_explicit_modules(llama):
         ),
         (dict(target_modules=["lm_head_x"]), "memory.target_modules: 'lm_head_x' is not a linear"),
         (dict(rank=0), "memory.rank must be an integer >= 1, got 0"),
-        (dict(rank=64), "memory.rank=64 is above the width of model.layers.0.mlp.gate_proj (32 x 64); at most 32"),
+        (
+            dict(rank=64),
+            "memory.rank=64 is above the width of model.layers.0.mlp.gate_proj (32 x 64); "
+            "at most 32",
+        ),
         (dict(layers="middle"), "memory.layers: unknown preset 'middle'"),
         (dict(num_loras=-1), "memory.num_loras must be an integer in [0, 64], got -1"),
     ],

@@ -13,7 +13,8 @@ and `RoutedLinear` (put in place of each target `nn.Linear`) adds, for every exa
     y[n] = base(x[n]) + (alpha / rank) * x[n] @ A[s(n)]^T @ B[s(n)]^T
 
 The `num_loras` modules of a user share the scale `alpha / rank`, so stacking them along
-the rank dimension is exactly their sum, as peft computes it with all memories active.
+the rank dimension is exactly their sum, as peft computes it with all memories active
+(`milp.adapters.stack_modules` converts between the two layouts).
 Gradients reach only the slot a row is routed to, so users never touch each other's
 weights. The optimizer and gradient clipping (milp/inject/slot_optim.py) keep per-slot state and
 step counts, so each user follows the trajectory it would follow alone.
