@@ -375,9 +375,9 @@ def run_lightning(args, cfg, base, users, dm, out: Path) -> int:
     """milp's sequential path: inject, the sequential injector's training (a Lightning
     Trainer per user, on its fast path), save, remove."""
     from milp.adapters import adapter_config, peft_module_states, save_memory
+    from milp.assemble import make_injector
     from milp.inject import seed_user
     from milp.memory import inject_memory, place_memory, remove_memory
-    from milp.train import make_injector
 
     memory = instantiate_memory(cfg)
     placement = place_memory(memory, base.model)

@@ -191,9 +191,9 @@ def run_sequential(args, cfg, base, users, dm, out: Path, fast: bool) -> None:
     """milp's sequential injector training each user (what `milp.train` runs, without
     answering), float32 or on its fast path; saves each user's memory."""
     from milp.adapters import adapter_config, peft_module_states, save_memory
+    from milp.assemble import make_injector
     from milp.inject import seed_user
     from milp.memory import inject_memory, place_memory, remove_memory
-    from milp.train import make_injector
 
     memory = dm_memory(cfg)
     placement = place_memory(memory, base.model)

@@ -178,7 +178,7 @@ def test_users(experiment: str, common: list[str]) -> tuple[list[str], str]:
 
     from hydra import compose, initialize_config_dir
 
-    from milp.train import build
+    from milp.assemble import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", *common, "split=test"])

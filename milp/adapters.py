@@ -103,6 +103,16 @@ def save_memory(
     return Path(directory)
 
 
+def is_saved_memory(directory: str | Path) -> bool:
+    """Whether `directory` holds a saved memory (its index; `memory_names` checks it)."""
+    return (Path(directory) / MEMORY_INDEX).is_file()
+
+
+def memory_index(directory: str | Path) -> dict:
+    """A saved memory's index (memory.json): its modules, shape, placement and files."""
+    return _read_index(Path(directory))
+
+
 def _read_index(directory: Path) -> dict:
     index = directory / MEMORY_INDEX
     if not index.is_file():

@@ -36,14 +36,16 @@ from omegaconf import DictConfig, open_dict
 
 from milp.adapters import (
     FILES_KEY,
-    MEMORY_INDEX,
     adapter_config,
+    is_saved_memory,
+    memory_index,
     memory_info,
     read_bank_weights,
     save_memory,
     stored_memory_config,
     verify_memory,
 )
+from milp.assemble import build, make_injector
 from milp.attribution_stats import (
     NO_MEMORY,
     TASK_MEMORY,
@@ -58,7 +60,16 @@ from milp.files import atomic_write_bytes, atomic_write_text
 from milp.inject.answer import gold_nll, gold_targets
 from milp.inject.bank import MemoryBank
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
-from milp.store import recorded_memory
+from milp.models.hf import model_identity
+from milp.store import (
+    RunStore,
+    adapters_dir,
+    recorded_memory,
+    run_config,
+    run_lock,
+    task_memory_dir,
+    user_memory,
+)
 
 log = logging.getLogger("milp")
 TASK_USER = "__task__"  # the pooled train-split user the task memory is trained as
@@ -102,8 +113,6 @@ def plan_attribution(
         raise MilpError(f"{key}.task_memory must be true or false, got {task_memory!r}")
     if not task_memory:
         return AttributionPlan(None, task_items, batch_size, task_lr)
-    from milp.train import build  # the command's builder (milp.train imports this lazily)
-
     train_cfg = copy.deepcopy(cfg)  # the data node's ${split} resolves against this root
     with open_dict(train_cfg):
         train_cfg.split = "train"
@@ -163,14 +172,14 @@ def reusable_task_memory(directory: Path, info: dict, inputs: dict) -> bool:
     """Whether the stored task memory was made from `info` and `inputs` and its files
     all hash as its index lists them; where it exists and cannot be reused, one log line
     says why it is trained again."""
-    if not (directory / MEMORY_INDEX).is_file():
+    if not is_saved_memory(directory):
         return False
     try:
         verify_memory(directory)
     except MilpError as err:
         log.warning("task memory: %s; training it again", err)
         return False
-    stored = json.loads((directory / MEMORY_INDEX).read_text())
+    stored = memory_index(directory)
     if stored.get(FILES_KEY) and (stored.get("task"), stored.get("inputs")) == (info, inputs):
         return True
     log.info("task memory: %s was made from other inputs; training it again", directory)
@@ -198,7 +207,7 @@ def train_task_memory(
     history = pooled_history(plan.task_users, items)
     lr = injector.optim["lr"] if plan.task_lr is None else plan.task_lr
     info = {"train_users": [u.user_id for u in plan.task_users], "items": len(history), "lr": lr}
-    directory = run_dir / "task_memory"
+    directory = task_memory_dir(run_dir)
     pooled = User(TASK_USER, history, [], [])
     inputs = {"run": run_hash, "data": user_hash(pooled)}
     if reusable_task_memory(directory, info, inputs):
@@ -286,11 +295,11 @@ def attribute(
     have a stored memory and a gold query. Every memory's files are checked against the
     run's records first (`run_hash`: see `train_task_memory`)."""
     run_dir = Path(run_dir)
-    adapters = run_dir / "adapters"
+    adapters = adapters_dir(run_dir)
     scored = [
         u
         for u in users
-        if (adapters / u.slug / MEMORY_INDEX).is_file() and any(q.gold for q in u.queries)
+        if user_memory(adapters, u.user_id) is not None and any(q.gold for q in u.queries)
     ]
     if len(scored) < 2:
         print(f"attribution: skipped ({len(scored)} user(s) with a stored memory and a gold)")
@@ -320,12 +329,6 @@ def attribute(
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Attribution for a stored run, with the run's own model, data and memory settings."""
-    from milp.generate import run_config
-    from milp.memory import place_memory
-    from milp.models.hf import model_identity
-    from milp.store import RunStore, run_lock
-    from milp.train import build, make_injector
-
     store = Path(cfg.store)
     run_cfg = run_config(store) if store.is_dir() else None
     if run_cfg is None:

@@ -53,7 +53,7 @@ from milp.inject.answer import generate_answers
 from milp.inject.bank import MemoryBank
 from milp.memory import place_memory, remove_memory
 from milp.settings import check_generation
-from milp.store import adapters_root, recorded_memory
+from milp.store import adapters_root, recorded_memory, run_config, user_memory
 
 log = logging.getLogger("milp")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -79,7 +79,7 @@ class MixedServer:
         self.generation = dict(generation)
 
     def has_memory(self, user_id: str) -> bool:
-        return (self.root / user_slug(user_id) / "memory.json").is_file()
+        return user_memory(self.root, user_id) is not None
 
     def load(self, user_ids: Sequence[str]) -> PeftModel | None:
         """A peft model carrying these users' memories, one adapter per user."""
@@ -204,14 +204,6 @@ class MixedServer:
             if model is not self.model:
                 self.model = remove_memory(model)
         return [answers[i] for i in range(len(requests))], timing
-
-
-def run_config(store: Path) -> DictConfig | None:
-    """The configuration a run was made with (its Hydra-saved config), if present."""
-    for candidate in (store / ".hydra" / "config.yaml", store.parent / ".hydra" / "config.yaml"):
-        if candidate.is_file():
-            return OmegaConf.load(candidate)
-    return None
 
 
 def read_requests(path: str | Path) -> list[Request]:

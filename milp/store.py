@@ -4,6 +4,8 @@ Layout under the run's output dir:
     fingerprint.txt                  what the results were made with: the configuration,
                                      the base model's files, the users' data (hashes)
     adapters/<user>/memory_<i>/...   peft adapters of the user's memory
+    task_memory/                     the task memory (memory.init=task, attribution)
+    .hydra/config.yaml               the configuration (Hydra writes it)
     users/<user>.json                the user's answers and metrics, the hashes of its
                                      inputs and of its memory's files (written last: the
                                      marker that the user is done)
@@ -31,7 +33,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from milp.adapters import verify_memory
+from milp.adapters import is_saved_memory, verify_memory
 from milp.data.users import User, user_slug
 from milp.errors import MilpError
 from milp.files import atomic_write_text, remove_leftovers
@@ -60,11 +62,46 @@ class WritableRunDir(Callback):
             sys.exit(1)
 
 
+ADAPTERS, TASK_MEMORY, FINGERPRINT = "adapters", "task_memory", "fingerprint.txt"
+
+
+def adapters_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps its users' memories."""
+    return Path(run_dir) / ADAPTERS
+
+
+def task_memory_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps its task memory."""
+    return Path(run_dir) / TASK_MEMORY
+
+
+def user_memory(adapters: str | Path, user_id: str) -> Path | None:
+    """The saved memory of `user_id` under a run's adapters/ directory, or None."""
+    directory = Path(adapters) / user_slug(user_id)
+    return directory if is_saved_memory(directory) else None
+
+
+def run_config(run_dir: str | Path) -> DictConfig | None:
+    """The configuration a run was made with (its Hydra-saved config; `run_dir` may be
+    the run's adapters/ directory), if present."""
+    run_dir = Path(run_dir)
+    for directory in (run_dir, run_dir.parent):
+        candidate = directory / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return OmegaConf.load(candidate)
+    return None
+
+
+def run_fingerprint(run_dir: str | Path) -> dict[str, str]:
+    """The parts of a run's fingerprint.txt ({} where it has none)."""
+    return read_fingerprint(Path(run_dir) / FINGERPRINT)
+
+
 def adapters_root(path: str | Path, key: str) -> Path:
     """The adapters/ directory of a run directory (or `path` itself if it holds the users'
     memories directly); `key` names the setting in the error."""
     path = Path(path)
-    root = path / "adapters" if (path / "adapters").is_dir() else path
+    root = adapters_dir(path) if adapters_dir(path).is_dir() else path
     if not root.is_dir():
         raise MilpError(f"{key}={path}: no such directory")
     return root
@@ -139,7 +176,7 @@ class RunStore:
         writes nothing (see `begin`)."""
         self.root = Path(root)
         self.fingerprint = fingerprint
-        self.marker = self.root / "fingerprint.txt"
+        self.marker = self.root / FINGERPRINT
         stored = read_fingerprint(self.marker) if self.marker.is_file() else None
         # A fingerprint without any finished user protects nothing: a run that failed
         # before its first result must not block the corrected command.
@@ -159,7 +196,7 @@ class RunStore:
         """A run's store for a command that adds to its results (`milp.attribute`): the
         configuration and data it recorded, and `model` (a `model_identity`), which must
         be the base model its results were made with."""
-        stored = read_fingerprint(Path(root) / "fingerprint.txt")
+        stored = run_fingerprint(root)
         return cls(root, {p: stored.get(p, "") for p in FINGERPRINT_PARTS} | {"model": model})
 
     def begin(self) -> None:
@@ -174,7 +211,7 @@ class RunStore:
             remove_leftovers(directory)
 
     def adapter_dir(self, user: User) -> Path:
-        return self.root / "adapters" / user.slug
+        return adapters_dir(self.root) / user.slug
 
     def _result_path(self, user_id: str) -> Path:
         return self.root / "users" / f"{user_slug(user_id)}.json"
@@ -241,7 +278,7 @@ class RunStore:
 def recorded_memory(adapters: Path, user_id: str) -> dict[str, str] | None:
     """The SHA-256 of a user's memory files as their run's result record lists them, for
     a reader of `adapters` (a run's adapters/ directory); None where there is no record."""
-    if adapters.name != "adapters":
+    if adapters.name != ADAPTERS:
         return None
     path = adapters.parent / "users" / f"{user_slug(user_id)}.json"
     if not path.is_file():

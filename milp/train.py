@@ -17,13 +17,13 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from milp.adapters import adapter_config, memory_digest, memory_info, save_memory, verify_memory
+from milp.assemble import build, make_injector
 from milp.attribute import (
     attribute,
     format_attribution,
@@ -46,47 +46,12 @@ from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
 from milp.settings import check_train_settings
 from milp.shard import current_shard
-from milp.store import RunStore, config_fingerprint, read_fingerprint, run_lock
+from milp.store import RunStore, config_fingerprint, run_fingerprint, run_lock
 
 log = logging.getLogger("milp")
 
 # Settings that do not change a user's results, left out of the run's fingerprint.
 VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file", "attribution")
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, letting our one-line errors through unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, MilpError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
-def make_injector(
-    cfg: DictConfig,
-    base: BaseModel,
-    memory: MemoryConfig,
-    placement: MemoryPlacement | None,
-    datamodule: UserDataModule,
-) -> Injector:
-    """The injector chosen by `cfg.injection`, given the run's model, memory and data."""
-    return build(cfg.injection)(
-        base,
-        memory,
-        placement,
-        datamodule,
-        trainer=cfg.trainer,
-        callbacks=cfg.get("callbacks"),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        generation=OmegaConf.to_container(cfg.generation, resolve=True),
-        compare_without_memory=cfg.compare_without_memory,
-        seed=cfg.seed,
-    )
 
 
 def store_user(
@@ -224,7 +189,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         "data": config_fingerprint(data_hashes),
     }
     if injector.trained_root is not None:
-        made_with = read_fingerprint(injector.trained_root.parent / "fingerprint.txt")
+        made_with = run_fingerprint(injector.trained_root.parent)
         if made_with.get("model") != fingerprint["model"]:
             raise MilpError(
                 f"memory.trained_in: {injector.trained_root.parent} was trained on another "

@@ -274,6 +274,7 @@ def inject_users(
     from omegaconf import OmegaConf, open_dict
 
     import milp.train as milp_train
+    from milp.assemble import make_injector
     from milp.data.users import user_hash
     from milp.store import RunStore
 
@@ -286,7 +287,7 @@ def inject_users(
         elif fast:
             cfg.injection.fast = OmegaConf.merge(cfg.injection.fast, fast)
     placement = place_memory(memory, base.model)
-    injector = milp_train.make_injector(cfg, base, memory, placement, dm)
+    injector = make_injector(cfg, base, memory, placement, dm)
     store = RunStore(out, {"config": "x", "model": "x", "data": "x"})
     data = {u.user_id: user_hash(u) for u in users}
     inputs = milp_train.users_inputs(store, injector, users, data)

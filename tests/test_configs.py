@@ -122,7 +122,7 @@ def test_every_model_option(option, cache):
 
 @pytest.mark.parametrize("option", options(CONF / "injection"))
 def test_every_injection_option_builds_an_injector(option, cache):
-    import milp.train as milp_train
+    from milp.assemble import make_injector
     from milp.inject import Injector
     from milp.memory import place_memory
 
@@ -130,7 +130,7 @@ def test_every_injection_option_builds_an_injector(option, cache):
     memory, datamodule, base = (instantiate(cfg[k]) for k in ("memory", "data", "model"))
     datamodule.attach_tokenizer(base.tokenizer)
     placement = place_memory(memory, base.model)
-    injector = milp_train.make_injector(cfg, base, memory, placement, datamodule)
+    injector = make_injector(cfg, base, memory, placement, datamodule)
     assert isinstance(injector, Injector)
     assert type(injector).__name__ == f"{option.capitalize()}Injector"
 
