@@ -201,8 +201,7 @@ def train_task_memory(
     under `run_dir/task_memory`; a stored one made from the same users, items, learning
     rate, pooled data and run (`run_hash`: its configuration and base model,
     `RunStore.run_hash`), whose files verify, is reused. Default size: `test_users`' mean
-    history length, the budget one user's memory gets. It starts from fresh modules
-    (never from the injector's `start_memory`, which may be this very memory)."""
+    history length, the budget one user's memory gets. It starts from fresh modules."""
     items = task_items(plan, test_users)
     history = pooled_history(plan.task_users, items)
     lr = injector.optim["lr"] if plan.task_lr is None else plan.task_lr
@@ -213,12 +212,7 @@ def train_task_memory(
     if reusable_task_memory(directory, info, inputs):
         return directory, info
     log.info("task memory: %d items from %d train users", len(history), len(plan.task_users))
-    start, injector.start_memory = injector.start_memory, None
-    try:
-        with injector.learning_rate(lr):
-            trained = next(iter(injector.run([pooled])))
-    finally:
-        injector.start_memory = start
+    trained = next(iter(injector.run([pooled], lr=lr)))
     record = memory_info(memory, placement) | {
         "user_id": TASK_USER,
         "task": info,

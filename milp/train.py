@@ -78,18 +78,22 @@ def store_user(
 
 
 def users_inputs(
-    store: RunStore, injector: Injector, users: list[User], data: dict[str, str]
+    store: RunStore,
+    injector: Injector,
+    users: list[User],
+    data: dict[str, str],
+    start: Path | None = None,
 ) -> dict[str, dict]:
     """Each user's inputs as its result record stores them (`RunStore.inputs`): `data`,
     the users' hashes as trained (after a control run replaced histories), and the memory
-    each starts from."""
-    starts: dict[Path, str] = {}
+    each starts from (`start` for those without their own stored one)."""
+    digests: dict[Path, str] = {}
     inputs = {}
     for user in users:
-        start = injector.stored_memory(user)
-        if start is not None and start not in starts:
-            starts[start] = memory_digest(start)
-        inputs[user.user_id] = store.inputs(user, data[user.user_id], starts.get(start))
+        first = injector.stored_memory(user, start)
+        if first is not None and first not in digests:
+            digests[first] = memory_digest(first)
+        inputs[user.user_id] = store.inputs(user, data[user.user_id], digests.get(first))
     return inputs
 
 
@@ -150,6 +154,11 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
     history_of = check_history_of(cfg.get("history_of", "own"))
     if history_of != "own" and not memory.enabled:
         raise MilpError(f"history_of={history_of}: a control of the memory needs a memory")
+    if memory.trained_in and (cfg.get("attribution") or {}).get("enabled"):
+        raise MilpError(
+            "memory.trained_in: attribution trains a task memory and scores the run's own "
+            "memories (set attribution.enabled=false)"
+        )
     datamodule: UserDataModule = build(cfg.data)
     assign_histories(cfg, datamodule, history_of)
     base: BaseModel = build(cfg.model)
@@ -219,11 +228,12 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
             memory_enabled=memory.enabled,
         )
 
+    start = None  # the stored memory users start from (the task memory)
     if task_start is not None:
         if shard.world_size > 1:
             raise MilpError("memory.init=task runs in one process (train the task memory once)")
         store.begin()
-        directory, info = train_task_memory(
+        start, info = train_task_memory(
             task_start,
             injector,
             base,
@@ -233,8 +243,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
             Path(output_dir),
             store.run_hash,
         )
-        log.info("memory.init=task: every user starts from %s (%s)", directory, info)
-        injector.start_memory = directory
+        log.info("memory.init=task: every user starts from %s (%s)", start, info)
 
     users = shard.users(datamodule.users, datamodule.batch_size)
     # A search trial with pruning (milp/prune.py) takes its users in a fixed, seeded order
@@ -246,7 +255,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         shard.world_size,
     )
     users = pruner.order(users) if pruner else users
-    inputs = users_inputs(store, injector, users, data_hashes)
+    inputs = users_inputs(store, injector, users, data_hashes, start)
     reused = {u.user_id: store.reusable(u, inputs[u.user_id]) for u in users}
     done = {user_id: result for user_id, result in reused.items() if result is not None}
     todo = [u for u in users if u.user_id not in done]
@@ -254,7 +263,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         todo = []
     progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
     try:
-        trained_users = injector.run(todo, report=progress.set_postfix_str)
+        trained_users = injector.run(todo, start=start, report=progress.set_postfix_str)
         for index, trained in enumerate(trained_users, start=len(done)):
             user = trained.user
             result = store_user(store, trained, memory, placement, base, inputs[user.user_id])

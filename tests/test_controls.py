@@ -150,6 +150,8 @@ def test_pooled_train_is_the_task_memory_continued_on_task_data(milp_cache, tmp_
         (["history_of=mine"], "history_of must be one of own, swapped, pooled_train"),
         (["history_of=swapped", "memory=none"], "a control of the memory needs a memory"),
         (["history_of=swapped", "attribution.enabled=true"], "needs every user's own memory"),
+        (["memory.trained_in=/no/run", "attribution.enabled=true"], "attribution.enabled=false"),
+        (["memory.trained_in=/no/run"], "memory.trained_in=/no/run: no such directory"),
     ],
 )
 def test_bad_control_settings_stop_before_training(milp_cache, tmp_path, overrides, message):

@@ -13,8 +13,9 @@ memory is created and its data shuffled), the data (`milp.data.datamodule`), ans
 and scoring (`answer.answer_queries`), and the result record (`TrainedUser.record`).
 Incremental memory (`memory.resume_from`): a user with a stored memory there starts from
 it (all modules, trainable; fresh optimizer state) instead of fresh modules; the stored
-run is only read. `start_memory` (set by `milp.train` for `memory.init=task`) is where
-every other user starts: a copy of the run's task memory. Stored memories as they are
+run is only read. `run(users, start=...)` names the stored memory every other user
+starts from (the run's task memory, for `memory.init=task`); `lr=` a rate other than
+`optim.lr` (the task memory's own). Stored memories as they are
 (`memory.trained_in`): each user is answered with the memory another run trained on the
 history this user is given (its owner's, `User.seed_id`), checked against that run's
 record; nothing trains.
@@ -133,34 +134,26 @@ class Injector:
         self.trained_root = (
             adapters_root(memory.trained_in, "memory.trained_in") if memory.trained_in else None
         )
-        # A stored memory every user without a resume_from memory starts from.
-        self.start_memory: Path | None = None
 
-    @contextmanager
-    def learning_rate(self, lr: float) -> Iterator[None]:
-        """Runs started inside the block train at `lr` (the task memory's own rate), later
-        ones at `optim.lr` again."""
-        saved, self.optim["lr"] = self.optim["lr"], float(lr)
-        try:
-            yield
-        finally:
-            self.optim["lr"] = saved
+    def optim_at(self, lr: float | None) -> dict:
+        """The optimizer settings, at `lr` where given (else `optim.lr`)."""
+        return self.optim | ({} if lr is None else {"lr": float(lr)})
 
     @property
     def trains(self) -> bool:
         """Whether users' memories are trained (not taken as they are, `memory.trained_in`)."""
         return self.memory.enabled and self.trained_root is None
 
-    def stored_memory(self, user: User) -> Path | None:
+    def stored_memory(self, user: User, start: Path | None = None) -> Path | None:
         """The memory the user starts from (`trained_memory` with `memory.trained_in`):
-        theirs under `memory.resume_from`, else `start_memory`; None: fresh modules."""
+        theirs under `memory.resume_from`, else `start`; None: fresh modules."""
         if self.trained_root is not None:
             return self.trained_memory(user)
         if self.resume_root is not None:
             stored = find_memory(self.resume_root, user.user_id, self.memory, self.placement)
             if stored is not None:
                 return stored
-        return self.start_memory
+        return start
 
     def trained_memory(self, user: User) -> Path:
         """With `memory.trained_in`: the stored memory of the history `user` is given (its
@@ -181,8 +174,13 @@ class Injector:
         return stored
 
     def run(
-        self, users: Sequence[User], report: Callable[[str], None] | None = None
+        self,
+        users: Sequence[User],
+        start: Path | None = None,
+        lr: float | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> Iterator[TrainedUser]:
-        """Train and answer `users`, yielding each when done; `report` is given a short
+        """Train and answer `users`, yielding each when done: from `start` (a stored
+        memory; see `stored_memory`), at `lr` (else `optim.lr`); `report` is given a short
         status of the training steps as they go (the run's progress bar shows it)."""
         raise NotImplementedError

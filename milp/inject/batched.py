@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -338,7 +339,11 @@ class BatchedInjector(Injector):
             )
 
     def run(
-        self, users: Sequence[User], report: Callable[[str], None] | None = None
+        self,
+        users: Sequence[User],
+        start: Path | None = None,
+        lr: float | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> Iterator[TrainedUser]:
         if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
             for first in range(0, len(users), self.slots):
@@ -349,16 +354,18 @@ class BatchedInjector(Injector):
                 group = users[first : first + self.slots]
                 yield from self._answer([(u, self._stored(u)) for u in group])
             return
-        self.loop.optimizer.lr = self.optim["lr"]  # the run's rate (see Injector.learning_rate)
+        self.loop.optimizer.lr = self.optim_at(lr)["lr"]
 
-        def start(user: User) -> UserWeights:
-            stored = self.stored_memory(user)
+        def first_weights(user: User) -> UserWeights:
+            stored = self.stored_memory(user, start)
             if stored is None:
                 return fresh_weights(self.targets, self.memory)
             return read_bank_weights(stored, self.targets, self.memory)
 
         group: list[tuple[User, FinishedUser]] = []
-        trained = self.loop.train(users, self.datamodule, start, seed=self.seed, report=report)
+        trained = self.loop.train(
+            users, self.datamodule, first_weights, seed=self.seed, report=report
+        )
         for done in trained:
             group.append((done.user, done))
             if len(group) == self.slots:

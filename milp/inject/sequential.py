@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -29,26 +30,36 @@ class SequentialInjector(Injector):
     """Trains and answers users one after another (`injection=sequential`)."""
 
     def run(
-        self, users: Sequence[User], report: Callable[[str], None] | None = None
+        self,
+        users: Sequence[User],
+        start: Path | None = None,
+        lr: float | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> Iterator[TrainedUser]:
         for user in users:
-            yield self.inject(user, report)
+            yield self.inject(user, start, lr, report)
 
-    def inject(self, user: User, report: Callable[[str], None] | None = None) -> TrainedUser:
+    def inject(
+        self,
+        user: User,
+        start: Path | None = None,
+        lr: float | None = None,
+        report: Callable[[str], None] | None = None,
+    ) -> TrainedUser:
         """Train one user's memory, answer the user's queries, hand the base model back."""
         seed_user(self.seed, user.seed_id)
         started = time.perf_counter()
         enabled = self.memory.enabled
         model = self.base.model
         if enabled:
-            stored = self.stored_memory(user)
+            stored = self.stored_memory(user, start)
             model = (
                 inject_memory(model, self.memory, self.placement)
                 if stored is None
                 else load_memory(model, stored, trainable=True)
             )
         try:
-            train_loss = self.train(model, user, report) if self.trains else None
+            train_loss = self.train(model, user, lr, report) if self.trains else None
             train_seconds = time.perf_counter() - started if self.trains else 0.0
 
             def switch(user_ids: list[str], use_memory: bool):
@@ -78,23 +89,27 @@ class SequentialInjector(Injector):
                 self.base.model = remove_memory(model)
 
     def train(
-        self, model: torch.nn.Module, user: User, report: Callable[[str], None] | None = None
+        self,
+        model: torch.nn.Module,
+        user: User,
+        lr: float | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> float:
         """Fit the memory modules on the user's history; returns the last training loss."""
         callbacks = list(instantiate(self.callbacks).values()) if self.callbacks else []
         if report is not None:
             callbacks.append(StepReport(report, user.user_id))
         with quiet_lightning():
-            return self._fit(model, user, callbacks)
+            return self._fit(model, user, self.optim_at(lr), callbacks)
 
-    def _fit(self, model: torch.nn.Module, user: User, callbacks: list) -> float:
+    def _fit(self, model: torch.nn.Module, user: User, optim: dict, callbacks: list) -> float:
         trainer: L.Trainer = instantiate(self.trainer, logger=False, callbacks=callbacks)
         device = trainer.strategy.root_device
         start_layer = min(self.placement.layers) if self.placement else 0
         with fast_training(model, self.fast, device, start_layer) as fast:
             module = MemoryInjectionModule(
                 model,
-                **self.optim,
+                **optim,
                 fast=self.fast,
                 pad_token_id=self.base.tokenizer.pad_token_id,
                 prefix=fast.prefix,
