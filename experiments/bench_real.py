@@ -203,7 +203,7 @@ def run_sequential(args, cfg, base, users, dm, out: Path, fast: bool) -> None:
     for user in users:
         seed_user(cfg.seed, user.user_id)
         model = inject_memory(base.model, memory, placement)
-        injector.train(model, user)
+        injector.train(model, user, injector.optim, None)
         save_memory(out / user.slug, peft_module_states(model), lora, {"user_id": user.user_id})
         base.model = remove_memory(model)
 

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from milp.models.hf import BaseModel
 
 
+#: A run's status line for its progress bar (see `Injector.run`), or None.
+Report = Callable[[str], None] | None
+
+
 def seed_user(seed: int, user_id: str) -> None:
     """Seed everything for one user: its fresh memory weights and its data order depend on
     (seed, user id) only, not on which users ran before it or beside it."""
@@ -135,10 +139,6 @@ class Injector:
             adapters_root(memory.trained_in, "memory.trained_in") if memory.trained_in else None
         )
 
-    def optim_at(self, lr: float | None) -> dict:
-        """The optimizer settings, at `lr` where given (else `optim.lr`)."""
-        return self.optim | ({} if lr is None else {"lr": float(lr)})
-
     @property
     def trains(self) -> bool:
         """Whether users' memories are trained (not taken as they are, `memory.trained_in`)."""
@@ -178,9 +178,15 @@ class Injector:
         users: Sequence[User],
         start: Path | None = None,
         lr: float | None = None,
-        report: Callable[[str], None] | None = None,
+        report: Report = None,
     ) -> Iterator[TrainedUser]:
         """Train and answer `users`, yielding each when done: from `start` (a stored
         memory; see `stored_memory`), at `lr` (else `optim.lr`); `report` is given a short
         status of the training steps as they go (the run's progress bar shows it)."""
+        optim = self.optim | ({} if lr is None else {"lr": float(lr)})
+        return self._run(users, start, optim, report)
+
+    def _run(
+        self, users: Sequence[User], start: Path | None, optim: dict, report: Report
+    ) -> Iterator[TrainedUser]:
         raise NotImplementedError

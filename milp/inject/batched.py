@@ -37,7 +37,7 @@ from milp.adapters import bank_module_states, read_bank_weights
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User
 from milp.errors import MilpError
-from milp.inject import Injector, TrainedUser, seed_user
+from milp.inject import Injector, Report, TrainedUser, seed_user
 from milp.inject.answer import answer_queries
 from milp.inject.bank import MemoryBank, UserWeights, fresh_weights
 from milp.inject.fast import FastPath, fast_autocast, fast_training
@@ -338,12 +338,8 @@ class BatchedInjector(Injector):
                 self.targets, self.slots, self.memory, device=self.loop.device
             )
 
-    def run(
-        self,
-        users: Sequence[User],
-        start: Path | None = None,
-        lr: float | None = None,
-        report: Callable[[str], None] | None = None,
+    def _run(
+        self, users: Sequence[User], start: Path | None, optim: dict, report: Report
     ) -> Iterator[TrainedUser]:
         if not self.memory.enabled:  # zero-shot: answer in mixed batches, nothing to train
             for first in range(0, len(users), self.slots):
@@ -354,7 +350,7 @@ class BatchedInjector(Injector):
                 group = users[first : first + self.slots]
                 yield from self._answer([(u, self._stored(u)) for u in group])
             return
-        self.loop.optimizer.lr = self.optim_at(lr)["lr"]
+        self.loop.optimizer.lr = optim["lr"]
 
         def first_weights(user: User) -> UserWeights:
             stored = self.stored_memory(user, start)

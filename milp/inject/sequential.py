@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from milp.adapters import load_memory, peft_module_states
 from milp.data.users import User
-from milp.inject import Injector, TrainedUser, quiet_lightning, seed_user
+from milp.inject import Injector, Report, TrainedUser, quiet_lightning, seed_user
 from milp.inject.answer import answer_queries
 from milp.inject.fast import fast_training
 from milp.inject.module import MemoryInjectionModule
@@ -29,23 +29,13 @@ from milp.memory import inject_memory, remove_memory, trainable_parameters
 class SequentialInjector(Injector):
     """Trains and answers users one after another (`injection=sequential`)."""
 
-    def run(
-        self,
-        users: Sequence[User],
-        start: Path | None = None,
-        lr: float | None = None,
-        report: Callable[[str], None] | None = None,
+    def _run(
+        self, users: Sequence[User], start: Path | None, optim: dict, report: Report
     ) -> Iterator[TrainedUser]:
         for user in users:
-            yield self.inject(user, start, lr, report)
+            yield self.inject(user, start, optim, report)
 
-    def inject(
-        self,
-        user: User,
-        start: Path | None = None,
-        lr: float | None = None,
-        report: Callable[[str], None] | None = None,
-    ) -> TrainedUser:
+    def inject(self, user: User, start: Path | None, optim: dict, report: Report) -> TrainedUser:
         """Train one user's memory, answer the user's queries, hand the base model back."""
         seed_user(self.seed, user.seed_id)
         started = time.perf_counter()
@@ -59,7 +49,7 @@ class SequentialInjector(Injector):
                 else load_memory(model, stored, trainable=True)
             )
         try:
-            train_loss = self.train(model, user, lr, report) if self.trains else None
+            train_loss = self.train(model, user, optim, report) if self.trains else None
             train_seconds = time.perf_counter() - started if self.trains else 0.0
 
             def switch(user_ids: list[str], use_memory: bool):
@@ -88,19 +78,13 @@ class SequentialInjector(Injector):
             if enabled:  # the clean base model for the next user, whatever happened
                 self.base.model = remove_memory(model)
 
-    def train(
-        self,
-        model: torch.nn.Module,
-        user: User,
-        lr: float | None = None,
-        report: Callable[[str], None] | None = None,
-    ) -> float:
+    def train(self, model: torch.nn.Module, user: User, optim: dict, report: Report) -> float:
         """Fit the memory modules on the user's history; returns the last training loss."""
         callbacks = list(instantiate(self.callbacks).values()) if self.callbacks else []
         if report is not None:
             callbacks.append(StepReport(report, user.user_id))
         with quiet_lightning():
-            return self._fit(model, user, self.optim_at(lr), callbacks)
+            return self._fit(model, user, optim, callbacks)
 
     def _fit(self, model: torch.nn.Module, user: User, optim: dict, callbacks: list) -> float:
         trainer: L.Trainer = instantiate(self.trainer, logger=False, callbacks=callbacks)
