@@ -22,23 +22,18 @@ sets them up around one user's (or one bank's) training:
 
 Answering runs in float32 unless `bf16_answers` is set: greedy decoding turns small
 numeric differences into other words, so bf16 answers are a choice, not a default.
-
-`length_bucketed_batches` / `LengthBucketSampler` (batches of similar length) regroup
-which examples share a step, so they change results; packing removes the padding they
-would save, and no injector uses them.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Sampler
 
 from milp.errors import MilpError
 from milp.inject.loss import causal_lm
@@ -244,44 +239,3 @@ def fast_training(
 
 
 # ----------------------------------------------------------------------------- batching
-
-
-def length_bucketed_batches(
-    lengths: Sequence[int], batch_size: int, generator: torch.Generator, window_batches: int = 16
-) -> list[list[int]]:
-    """Shuffled batches of similar length: a seeded permutation, cut into windows of
-    `window_batches` batches, each window sorted by length and cut into batches, then
-    the batches shuffled. Same generator state, same batches; every index once."""
-    if batch_size < 1 or window_batches < 1:
-        raise ValueError("batch_size and window_batches must be >= 1")
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * window_batches
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in shuffled]
-
-
-class LengthBucketSampler(Sampler[list[int]]):
-    """A DataLoader `batch_sampler` of `length_bucketed_batches`, a new draw per epoch
-    from its own seeded generator (as a shuffling DataLoader draws a permutation)."""
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        generator: torch.Generator,
-        window_batches: int = 16,
-    ) -> None:
-        self.lengths, self.batch_size = list(lengths), batch_size
-        self.generator, self.window_batches = generator, window_batches
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from length_bucketed_batches(
-            self.lengths, self.batch_size, self.generator, self.window_batches
-        )

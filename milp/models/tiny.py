@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, pad_right
 from milp.data.synthetic import GENERATOR_VERSION, ensure_synthetic_lamp, load_generic_corpus
 from milp.files import publish_dir
-from milp.inject.fast import length_bucketed_batches
 from milp.models.hf import BaseModel, load_base_model, no_progress_bars
 
 
@@ -65,6 +65,25 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, window_batches: int = 16
+) -> list[list[int]]:
+    """The pretraining's batches, shuffled and of similar length: a seeded permutation,
+    cut into windows of `window_batches` batches, each window sorted by length and cut
+    into batches, then the batches shuffled. Same generator state, same batches; every
+    index once."""
+    if batch_size < 1 or window_batches < 1:
+        raise ValueError("batch_size and window_batches must be >= 1")
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * window_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
 
 
 def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str | Path) -> Path:
