@@ -46,7 +46,7 @@ RUNS = {
 }
 #: Methods whose answers do not depend on the seed (no training, greedy decoding).
 UNTRAINED = ("zero_shot", "rag")
-#: Test runs that score every user's memory on every user's queries (milp/attribute.py).
+#: Test runs that score every user's memory on every user's queries (milp/attribution.py).
 ATTRIBUTED = ("milp", "milp_default")
 
 
@@ -178,7 +178,7 @@ def test_users(experiment: str, common: list[str]) -> tuple[list[str], str]:
 
     from hydra import compose, initialize_config_dir
 
-    from milp.assemble import build
+    from milp.build import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", *common, "split=test"])

@@ -213,7 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def attribution_section(out: Path, methods: list[str], seeds: list[int]) -> str:
     """The attribution summary of every test run that has one (runs with memory and
-    `attribution.enabled`; milp/attribute.py), as the run printed it."""
+    `attribution.enabled`; milp/attribution.py), as the run printed it."""
     blocks = []
     for method in methods:
         for seed in seeds:

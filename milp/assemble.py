@@ -1,33 +1,15 @@
-"""Building a run's parts from its configuration, for every command (`milp.train`,
-`milp.attribute`) and experiment script: one way to turn config nodes into objects, with
-milp's one-line errors kept, and the injector `conf/injection` chooses."""
+"""A run's parts from its configuration, for every command (`milp.train`,
+`milp.attribute`) and experiment script: the injector `conf/injection` chooses."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from milp.build import build
 from milp.data.datamodule import UserDataModule
-from milp.errors import MilpError
 from milp.inject import Injector
 from milp.memory import MemoryConfig, MemoryPlacement
 from milp.models.hf import BaseModel
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, letting our one-line errors through unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, MilpError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
 
 
 def make_injector(

@@ -1,4 +1,4 @@
-"""Attribution's figures: who owns a memory, from an NLL matrix (`milp/attribute.py` makes it).
+"""Attribution's figures: who owns a memory, from an NLL matrix (`milp/attribution.py` makes it).
 
 The owner is picked as the memory with the lowest NLL, per user (the mean NLL over the
 user's queries) and per query; only the N users' memories compete (the task memory and no

@@ -23,16 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from milp.adapters import adapter_config, memory_digest, memory_info, save_memory, verify_memory
-from milp.assemble import build, make_injector
-from milp.attribute import (
+from milp.assemble import make_injector
+from milp.attribution import (
     attribute,
-    format_attribution,
     plan_attribution,
     plan_from_train_config,
     pooled_history,
     task_items,
     train_task_memory,
 )
+from milp.attribution_stats import format_attribution
+from milp.build import build
 from milp.data.controls import check_history_of, pooled_histories, swapped_histories
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User, user_hash

@@ -12,8 +12,8 @@ from conftest import ROOT, TINY_MODEL_OVERRIDES, run_milp
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from milp.attribute import plan_attribution
 from milp.attribute import run as attribute_command
+from milp.attribution import plan_attribution
 from milp.attribution_stats import (
     NO_MEMORY,
     TASK_MEMORY,
