@@ -3,13 +3,36 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from milp.attribution import (
+    AttributionPlan,
+    plan_attribution,
+    plan_from_train_config,
+    pooled_history,
+    task_items,
+)
 from milp.build import build
+from milp.data.controls import check_history_of, pooled_histories, swapped_histories
 from milp.data.datamodule import UserDataModule
-from milp.inject import Injector
-from milp.memory import MemoryConfig, MemoryPlacement
-from milp.models.hf import BaseModel
+from milp.data.users import user_hash
+from milp.errors import MilpError
+from milp.inject import Injector, quiet_lightning
+from milp.inject.fast import FastPath
+from milp.memory import MemoryConfig, MemoryPlacement, place_memory
+from milp.metrics import OBJECTIVE_NAMES
+from milp.models.hf import BaseModel, model_identity
+from milp.settings import check_train_settings
+from milp.store import config_fingerprint, run_fingerprint
+
+log = logging.getLogger("milp")
+
+# Settings that do not change a user's results, left out of the run's fingerprint.
+VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file", "attribution")
 
 
 def make_injector(
@@ -32,3 +55,139 @@ def make_injector(
         compare_without_memory=cfg.compare_without_memory,
         seed=cfg.seed,
     )
+
+
+@dataclass
+class Run:
+    """A run's parts, built and checked before anything is written: the memory, the
+    users (with the histories a control gives them), the base model, where memory goes,
+    the injector, the attribution and task-memory plans (None: off), each user's data
+    hash as trained, and the run's fingerprint (`milp.store.FINGERPRINT_PARTS`)."""
+
+    memory: MemoryConfig
+    datamodule: UserDataModule
+    base: BaseModel
+    placement: MemoryPlacement | None
+    injector: Injector
+    attribution: AttributionPlan | None
+    task_start: AttributionPlan | None
+    data_hashes: dict[str, str]
+    fingerprint: dict[str, str]
+
+
+def assemble_run(cfg: DictConfig) -> Run:
+    """Build and check everything `milp.train` needs from its configuration, in the order
+    that fails fastest: settings, data, model, the memory's placement, stored memories."""
+    if cfg.objective not in OBJECTIVE_NAMES:
+        raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
+    FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
+    memory: MemoryConfig = build(cfg.memory)
+    check_train_settings(cfg, memory)
+    history_of = check_history_of(cfg.get("history_of", "own"))
+    if history_of != "own" and not memory.enabled:
+        raise MilpError(f"history_of={history_of}: a control of the memory needs a memory")
+    if memory.trained_in and (cfg.get("attribution") or {}).get("enabled"):
+        raise MilpError(
+            "memory.trained_in: attribution trains a task memory and scores the run's own "
+            "memories (set attribution.enabled=false)"
+        )
+    datamodule: UserDataModule = build(cfg.data)
+    assign_histories(cfg, datamodule, history_of)
+    base: BaseModel = build(cfg.model)
+    datamodule.attach_tokenizer(base.tokenizer)
+    placement = place_memory(memory, base.model) if memory.enabled else None
+    if placement is not None:
+        log.info(
+            "memory: %d module(s) of rank %d on layers %s, modules %s",
+            memory.num_loras,
+            memory.rank,
+            placement.layers,
+            placement.modules,
+        )
+    with quiet_lightning():
+        instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
+    injector = make_injector(cfg, base, memory, placement, datamodule)
+    for user in datamodule.users:  # every resume_from / trained_in memory, before training
+        injector.stored_memory(user)
+    attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
+    if attribution is not None and history_of != "own":
+        raise MilpError(
+            f"history_of={history_of}: attribution needs every user's own memory "
+            "(set attribution.enabled=false)"
+        )
+    task_start = plan_task_start(cfg, datamodule, memory)
+
+    fingerprint_cfg = {
+        k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
+    }
+    if task_start is not None:  # the task memory decides where users start
+        fingerprint_cfg["task_start_items"] = task_start.task_items
+        fingerprint_cfg["task_start_lr"] = task_start.task_lr
+    data_hashes = {u.user_id: user_hash(u) for u in datamodule.users}  # as trained
+    fingerprint = {
+        "config": config_fingerprint(fingerprint_cfg),
+        "model": model_identity(base, cfg.paths.cache_dir),
+        "data": config_fingerprint(data_hashes),
+    }
+    if injector.trained_root is not None:
+        made_with = run_fingerprint(injector.trained_root.parent)
+        if made_with.get("model") != fingerprint["model"]:
+            raise MilpError(
+                f"memory.trained_in: {injector.trained_root.parent} was trained on another "
+                "base model (or is not a run directory) than this run's"
+            )
+    return Run(
+        memory,
+        datamodule,
+        base,
+        placement,
+        injector,
+        attribution,
+        task_start,
+        data_hashes,
+        fingerprint,
+    )
+
+
+def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryConfig):
+    """For `memory.init=task`, the train-split users the task memory pools (checked before
+    anything trains; sized like the attribution's task memory, which is then the same
+    one); None otherwise."""
+    if not memory.enabled or memory.init != "task" or memory.trained_in:
+        return None
+    settings = cfg.get("attribution") or {}
+    try:
+        return plan_attribution(
+            cfg,
+            datamodule.users,
+            task_memory=True,
+            task_items=settings.get("task_items"),
+            batch_size=None,
+            task_lr=settings.get("task_lr"),
+        )
+    except MilpError as err:
+        raise MilpError(f"memory.init=task: {err}") from None
+
+
+def assign_histories(cfg: DictConfig, datamodule: UserDataModule, history_of: str) -> None:
+    """Give every user the history a control run trains their memory on
+    (`milp/data/controls.py`); `own` leaves the users as they are."""
+    if history_of == "swapped":
+        datamodule.users = swapped_histories(datamodule.users)
+    elif history_of == "pooled_train":
+        settings = cfg.get("attribution") or {}
+        try:
+            pool = plan_attribution(
+                cfg,
+                datamodule.users,
+                task_memory=True,
+                task_items=settings.get("task_items"),
+                batch_size=None,
+            )
+        except MilpError as err:
+            raise MilpError(f"history_of=pooled_train: {err}") from None
+        # After the items the task memory trains on, so the control sees new task data.
+        skip = task_items(pool, datamodule.users)
+        need = max(len(u.history) for u in datamodule.users)
+        items = pooled_history(pool.task_users, skip + need)
+        datamodule.users = pooled_histories(datamodule.users, items, skip)

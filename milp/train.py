@@ -23,36 +23,23 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from milp.adapters import adapter_config, memory_digest, memory_info, save_memory, verify_memory
-from milp.assemble import make_injector
+from milp.assemble import assemble_run
 from milp.attribution import (
     attribute,
-    plan_attribution,
-    plan_from_train_config,
-    pooled_history,
-    task_items,
     train_task_memory,
 )
 from milp.attribution_stats import format_attribution
-from milp.build import build
-from milp.data.controls import check_history_of, pooled_histories, swapped_histories
-from milp.data.datamodule import UserDataModule
-from milp.data.users import User, user_hash
+from milp.data.users import User
 from milp.errors import MilpError, exit_with, os_fault
-from milp.inject import Injector, TrainedUser, quiet_lightning
-from milp.inject.fast import FastPath
-from milp.memory import MemoryConfig, MemoryPlacement, place_memory
-from milp.metrics import OBJECTIVE_NAMES
-from milp.models.hf import BaseModel, model_identity
+from milp.inject import Injector, TrainedUser
+from milp.memory import MemoryConfig, MemoryPlacement
+from milp.models.hf import BaseModel
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
-from milp.settings import check_train_settings
 from milp.shard import current_shard
-from milp.store import RunStore, config_fingerprint, run_fingerprint, run_lock
+from milp.store import RunStore, run_lock
 
 log = logging.getLogger("milp")
-
-# Settings that do not change a user's results, left out of the run's fingerprint.
-VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file", "attribution")
 
 
 def store_user(
@@ -98,117 +85,17 @@ def users_inputs(
     return inputs
 
 
-def plan_task_start(cfg: DictConfig, datamodule: UserDataModule, memory: MemoryConfig):
-    """For `memory.init=task`, the train-split users the task memory pools (checked before
-    anything trains; sized like the attribution's task memory, which is then the same
-    one); None otherwise."""
-    if not memory.enabled or memory.init != "task" or memory.trained_in:
-        return None
-    settings = cfg.get("attribution") or {}
-    try:
-        return plan_attribution(
-            cfg,
-            datamodule.users,
-            task_memory=True,
-            task_items=settings.get("task_items"),
-            batch_size=None,
-            task_lr=settings.get("task_lr"),
-        )
-    except MilpError as err:
-        raise MilpError(f"memory.init=task: {err}") from None
-
-
-def assign_histories(cfg: DictConfig, datamodule: UserDataModule, history_of: str) -> None:
-    """Give every user the history a control run trains their memory on
-    (`milp/data/controls.py`); `own` leaves the users as they are."""
-    if history_of == "swapped":
-        datamodule.users = swapped_histories(datamodule.users)
-    elif history_of == "pooled_train":
-        settings = cfg.get("attribution") or {}
-        try:
-            pool = plan_attribution(
-                cfg,
-                datamodule.users,
-                task_memory=True,
-                task_items=settings.get("task_items"),
-                batch_size=None,
-            )
-        except MilpError as err:
-            raise MilpError(f"history_of=pooled_train: {err}") from None
-        # After the items the task memory trains on, so the control sees new task data.
-        skip = task_items(pool, datamodule.users)
-        need = max(len(u.history) for u in datamodule.users)
-        items = pooled_history(pool.task_users, skip + need)
-        datamodule.users = pooled_histories(datamodule.users, items, skip)
-
-
 def run(cfg: DictConfig, held: ExitStack) -> float | None:
     """Run memory injection over all users of the split; return the objective. The run
     directory's lock is entered on `held`, which the caller closes when the run ends."""
     output_dir = HydraConfig.get().runtime.output_dir
-    if cfg.objective not in OBJECTIVE_NAMES:
-        raise MilpError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
-    # Everything is built and validated before the first user trains.
-    FastPath.from_config(cfg.injection.get("fast"))  # before the model loads
-    memory: MemoryConfig = build(cfg.memory)
-    check_train_settings(cfg, memory)
-    history_of = check_history_of(cfg.get("history_of", "own"))
-    if history_of != "own" and not memory.enabled:
-        raise MilpError(f"history_of={history_of}: a control of the memory needs a memory")
-    if memory.trained_in and (cfg.get("attribution") or {}).get("enabled"):
-        raise MilpError(
-            "memory.trained_in: attribution trains a task memory and scores the run's own "
-            "memories (set attribution.enabled=false)"
-        )
-    datamodule: UserDataModule = build(cfg.data)
-    assign_histories(cfg, datamodule, history_of)
-    base: BaseModel = build(cfg.model)
-    datamodule.attach_tokenizer(base.tokenizer)
-    placement = place_memory(memory, base.model) if memory.enabled else None
-    if placement is not None:
-        log.info(
-            "memory: %d module(s) of rank %d on layers %s, modules %s",
-            memory.num_loras,
-            memory.rank,
-            placement.layers,
-            placement.modules,
-        )
-    with quiet_lightning():
-        instantiate(cfg.trainer, logger=False)  # fails now, not after the first user
-    injector = make_injector(cfg, base, memory, placement, datamodule)
-    for user in datamodule.users:  # every resume_from / trained_in memory, before training
-        injector.stored_memory(user)
-    attribution = plan_from_train_config(cfg, datamodule, memory)  # checked before training
-    if attribution is not None and history_of != "own":
-        raise MilpError(
-            f"history_of={history_of}: attribution needs every user's own memory "
-            "(set attribution.enabled=false)"
-        )
-    task_start = plan_task_start(cfg, datamodule, memory)
-
-    fingerprint_cfg = {
-        k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS
-    }
-    if task_start is not None:  # the task memory decides where users start
-        fingerprint_cfg["task_start_items"] = task_start.task_items
-        fingerprint_cfg["task_start_lr"] = task_start.task_lr
-    data_hashes = {u.user_id: user_hash(u) for u in datamodule.users}  # as trained
-    fingerprint = {
-        "config": config_fingerprint(fingerprint_cfg),
-        "model": model_identity(base, cfg.paths.cache_dir),
-        "data": config_fingerprint(data_hashes),
-    }
-    if injector.trained_root is not None:
-        made_with = run_fingerprint(injector.trained_root.parent)
-        if made_with.get("model") != fingerprint["model"]:
-            raise MilpError(
-                f"memory.trained_in: {injector.trained_root.parent} was trained on another "
-                "base model (or is not a run directory) than this run's"
-            )
+    parts = assemble_run(cfg)  # everything built and checked before anything is written
+    memory, datamodule, base = parts.memory, parts.datamodule, parts.base
+    placement, injector = parts.placement, parts.injector
     # Under torchrun/srun each process takes its share of the users (milp/shard.py).
     shard = current_shard()
     held.enter_context(run_lock(output_dir, shard.rank, shard.world_size))  # first write
-    store = RunStore(output_dir, fingerprint)
+    store = RunStore(output_dir, parts.fingerprint)
     if shard.world_size == 1:  # alone in the run directory: a killed run's temporaries go
         store.remove_leftovers()
     shard.pin_device(cfg)
@@ -230,12 +117,12 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         )
 
     start = None  # the stored memory users start from (the task memory)
-    if task_start is not None:
+    if parts.task_start is not None:
         if shard.world_size > 1:
             raise MilpError("memory.init=task runs in one process (train the task memory once)")
         store.begin()
         start, info = train_task_memory(
-            task_start,
+            parts.task_start,
             injector,
             base,
             memory,
@@ -256,7 +143,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         shard.world_size,
     )
     users = pruner.order(users) if pruner else users
-    inputs = users_inputs(store, injector, users, data_hashes, start)
+    inputs = users_inputs(store, injector, users, parts.data_hashes, start)
     reused = {u.user_id: store.reusable(u, inputs[u.user_id]) for u in users}
     done = {user_id: result for user_id, result in reused.items() if result is not None}
     todo = [u for u in users if u.user_id not in done]
@@ -296,9 +183,9 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         )
     results = [done.get(u.user_id) or store.load_result(u) for u in users]
     summary = summary_of(results) | (pruner.summary() if pruner else {})
-    if attribution is not None:  # every user's memory on every user's queries
+    if parts.attribution is not None:  # every user's memory on every user's queries
         summary["attribution"] = attribute(
-            attribution,
+            parts.attribution,
             injector=injector,
             base=base,
             datamodule=datamodule,
