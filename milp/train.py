@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from milp.adapters import adapter_config, memory_digest, memory_info, save_memory, verify_memory
-from milp.assemble import assemble_run
+from milp.assemble import Run, assemble_run
 from milp.attribution import (
     attribute,
     train_task_memory,
@@ -36,7 +36,7 @@ from milp.memory import MemoryConfig, MemoryPlacement
 from milp.models.hf import BaseModel
 from milp.prune import Pruner
 from milp.report import average, format_table, summarize, table_rows
-from milp.shard import current_shard
+from milp.shard import Shard, current_shard
 from milp.store import RunStore, run_lock
 
 log = logging.getLogger("milp")
@@ -90,10 +90,7 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
     directory's lock is entered on `held`, which the caller closes when the run ends."""
     output_dir = HydraConfig.get().runtime.output_dir
     parts = assemble_run(cfg)  # everything built and checked before anything is written
-    memory, datamodule, base = parts.memory, parts.datamodule, parts.base
-    placement, injector = parts.placement, parts.injector
-    # Under torchrun/srun each process takes its share of the users (milp/shard.py).
-    shard = current_shard()
+    shard = current_shard()  # under torchrun/srun each process takes its share of users
     held.enter_context(run_lock(output_dir, shard.rank, shard.world_size))  # first write
     store = RunStore(output_dir, parts.fingerprint)
     if shard.world_size == 1:  # alone in the run directory: a killed run's temporaries go
@@ -102,48 +99,69 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
     logger = instantiate(cfg.logger) if cfg.get("logger") and shard.is_main else None
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    start = task_start(parts, store, shard)
+    done, pruner = train_users(cfg, parts, store, shard, logger, start)
+    shard.wait_for_all()
+    if not shard.is_main:
+        return None
+    return report(cfg, parts, store, logger, done, pruner)
 
-    def summary_of(results: list[dict]) -> dict:
-        return summarize(
-            results,
-            data=datamodule.name,
-            data_path=datamodule.path,
-            data_source=datamodule.source,
-            gold_in_history=datamodule.gold_in_history,
-            prompt_fit=datamodule.prompt_fit,
-            split=cfg.split,
-            objective=cfg.objective,
-            memory_enabled=memory.enabled,
-        )
 
-    start = None  # the stored memory users start from (the task memory)
-    if parts.task_start is not None:
-        if shard.world_size > 1:
-            raise MilpError("memory.init=task runs in one process (train the task memory once)")
-        store.begin()
-        start, info = train_task_memory(
-            parts.task_start,
-            injector,
-            base,
-            memory,
-            placement,
-            datamodule.users,
-            Path(output_dir),
-            store.run_hash,
-        )
-        log.info("memory.init=task: every user starts from %s (%s)", start, info)
+def summary_of(cfg: DictConfig, parts: Run, results: list[dict]) -> dict:
+    """The run's metrics.json over `results` (the users finished so far)."""
+    datamodule = parts.datamodule
+    return summarize(
+        results,
+        data=datamodule.name,
+        data_path=datamodule.path,
+        data_source=datamodule.source,
+        gold_in_history=datamodule.gold_in_history,
+        prompt_fit=datamodule.prompt_fit,
+        split=cfg.split,
+        objective=cfg.objective,
+        memory_enabled=parts.memory.enabled,
+    )
 
-    users = shard.users(datamodule.users, datamodule.batch_size)
+
+def task_start(parts: Run, store: RunStore, shard: Shard) -> Path | None:
+    """For `memory.init=task`, the task memory every user starts from (trained now, or
+    reused when stored from the same inputs); None otherwise."""
+    if parts.task_start is None:
+        return None
+    if shard.world_size > 1:
+        raise MilpError("memory.init=task runs in one process (train the task memory once)")
+    store.begin()
+    start, info = train_task_memory(
+        parts.task_start,
+        parts.injector,
+        parts.base,
+        parts.memory,
+        parts.placement,
+        parts.datamodule.users,
+        store.root,
+        store.run_hash,
+    )
+    log.info("memory.init=task: every user starts from %s (%s)", start, info)
+    return start
+
+
+def train_users(
+    cfg: DictConfig, parts: Run, store: RunStore, shard: Shard, logger: Any, start: Path | None
+) -> tuple[dict[str, dict], Pruner | None]:
+    """Train and answer this process's users, each stored as soon as it is done; users
+    whose stored result still holds are reused. Returns their results by id and the
+    pruner (a search trial's, or None)."""
+    users = shard.users(parts.datamodule.users, parts.datamodule.batch_size)
     # A search trial with pruning (milp/prune.py) takes its users in a fixed, seeded order
     # and stops after the first user at which it trails the completed trials.
     pruner = Pruner.from_config(
         cfg.get("prune_file"),
         lambda results: (average(results, "memory") or {}).get(cfg.objective),
-        output_dir,
+        store.root,
         shard.world_size,
     )
     users = pruner.order(users) if pruner else users
-    inputs = users_inputs(store, injector, users, parts.data_hashes, start)
+    inputs = users_inputs(store, parts.injector, users, parts.data_hashes, start)
     reused = {u.user_id: store.reusable(u, inputs[u.user_id]) for u in users}
     done = {user_id: result for user_id, result in reused.items() if result is not None}
     todo = [u for u in users if u.user_id not in done]
@@ -151,11 +169,13 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
         todo = []
     progress = tqdm(total=len(users), initial=len(done), desc="users", unit="user")
     try:
-        trained_users = injector.run(todo, start=start, report=progress.set_postfix_str)
+        trained_users = parts.injector.run(todo, start=start, report=progress.set_postfix_str)
         for index, trained in enumerate(trained_users, start=len(done)):
-            user = trained.user
-            result = store_user(store, trained, memory, placement, base, inputs[user.user_id])
-            done[user.user_id] = result
+            user_inputs = inputs[trained.user.user_id]
+            result = store_user(
+                store, trained, parts.memory, parts.placement, parts.base, user_inputs
+            )
+            done[trained.user.user_id] = result
             progress.update()
             if logger is not None and result["memory"]:
                 logger.log_metrics(
@@ -163,44 +183,54 @@ def run(cfg: DictConfig, held: ExitStack) -> float | None:
                 )
             if shard.is_main:
                 results = [done[u.user_id] for u in users if u.user_id in done]
-                store.write_outputs(results, summary_of(results))
+                store.write_outputs(results, summary_of(cfg, parts, results))
             if pruner and pruner.should_stop(done):
                 break
     finally:  # closed before any error line is printed
         progress.close()
+    return done, pruner
 
-    shard.wait_for_all()
-    if not shard.is_main:
-        return None
-    users = datamodule.users
+
+def report(
+    cfg: DictConfig,
+    parts: Run,
+    store: RunStore,
+    logger: Any,
+    done: dict[str, dict],
+    pruner: Pruner | None,
+) -> float | None:
+    """Gather every user's result (all processes'), add attribution where on, write
+    metrics.json, print the table and return the objective."""
+    users = parts.datamodule.users
     if pruner:  # a stopped trial's objective is over the users it evaluated
         users = [u for u in users if u.user_id in pruner.evaluated]
     missing = [u.user_id for u in users if u.user_id not in done and not store.is_done(u)]
     if missing:
         raise MilpError(
-            f"{len(missing)} user(s) have no results in {output_dir} (e.g. {missing[0]}): "
+            f"{len(missing)} user(s) have no results in {store.root} (e.g. {missing[0]}): "
             "all processes of a run must share one hydra.run.dir"
         )
     results = [done.get(u.user_id) or store.load_result(u) for u in users]
-    summary = summary_of(results) | (pruner.summary() if pruner else {})
+    summary = summary_of(cfg, parts, results) | (pruner.summary() if pruner else {})
     if parts.attribution is not None:  # every user's memory on every user's queries
         summary["attribution"] = attribute(
             parts.attribution,
-            injector=injector,
-            base=base,
-            datamodule=datamodule,
-            memory=memory,
-            placement=placement,
+            injector=parts.injector,
+            base=parts.base,
+            datamodule=parts.datamodule,
+            memory=parts.memory,
+            placement=parts.placement,
             users=users,
-            run_dir=output_dir,
+            run_dir=store.root,
             run_hash=store.run_hash,
         )
     store.write_outputs(results, summary)
-    rows = table_rows(summary, memory, datamodule.retrieval_k)
+    datamodule = parts.datamodule
+    rows = table_rows(summary, parts.memory, datamodule.retrieval_k)
     print(f"\n{datamodule.name} / split {cfg.split} / {len(users)} users\n{format_table(rows)}")
     if summary.get("attribution"):
         print(format_attribution(summary["attribution"]))
-    print(f"outputs: {output_dir}")
+    print(f"outputs: {store.root}")
     if logger is not None:
         flat = {f"{split}/{k}": v for split, m in rows.items() for k, v in (m or {}).items()}
         logger.log_metrics(flat | {"objective": summary["objective"] or 0.0})
