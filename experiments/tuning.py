@@ -75,6 +75,8 @@ class Budget:
             f"hydra.sweeper.pruning.enabled={str(self.pruning).lower()}",
             "hydra.sweeper.final_overrides=[]",
             "hydra.sweeper.wandb.enabled=false",
+            # A trial is scored by its objective; the attribution matrix is for test runs.
+            "attribution.enabled=false",
             *([f"data.users.max_users={self.dev_users}"] if self.dev_users else []),
         ]
 

@@ -114,6 +114,7 @@ def test_tuning_spaces_share_milps_ranges_on_dev_without_a_test_evaluation():
             assert sweep["hydra"]["sweeper"]["final_overrides"] == []
     assert "hydra.sweeper.final_overrides=[]" in tuning.Budget(3).overrides()
     assert "split=dev" in tuning.Budget(3).overrides()
+    assert "attribution.enabled=false" in tuning.Budget(3).overrides()
 
 
 def test_small_discrete_spaces_are_enumerated_and_continuous_ones_are_not():
