@@ -8,33 +8,28 @@ with the same steps, seeds and initial memory weights:
 
   plain-peft       HF model + peft LoRA + AdamW in a plain PyTorch loop, float32, the
                    model's own `.loss` (what a user writes without milp)
-  milp-sequential  milp's sequential path (a Lightning Trainer per user), float32
-                   (`injection.fast=false`)
-  fast             milp's sequential path with its fast path on (`injection.fast`, the
-                   default: bf16 autocast where the hardware has it, frozen weights held
-                   in bf16, eager attention on CPU, packed batches, frozen-prefix cache
-                   below the lowest memory layer, target-only head; `--fast
-                   key=value,...` overrides its settings)
-  milp-batched     milp's batched path (all users in one MemoryBank), fast path on
+  milp-fp32        milp's injector, one user per step (what `python -m milp.train`
+                   runs, without answering), in float32 (`injection.fast=false`)
+  fast             the same with its fast path on (`injection.fast`, the default: bf16
+                   autocast where the hardware has it, frozen weights held in bf16, eager
+                   attention on CPU, packed batches, frozen-prefix cache below the lowest
+                   memory layer, target-only head; `--fast key=value,...` overrides it)
+  milp-batched     milp's injector with every user in one step (`users_per_batch`),
+                   fast path on
 
 Each row runs in its own process (peak memory is its own); the clock covers users ->
-saved adapters. `--repeat N` runs the rows N times in alternating order and keeps each
-row's fastest run (a shared machine's load drifts between rows). Then every row's saved
-adapters are loaded with plain `PeftModel.from_pretrained` and evaluated in float32:
-"final loss" is the mean target-token loss on the users' training histories. The fast
-row passes when its final loss is within `--loss-tolerance` (relative) of plain-peft's.
-
-Answering: the users' queries are answered with the plain-peft adapters through milp's
-`answer_queries`, greedy, in float32 and with `injection.fast.bf16_answers` (bf16
-autocast and weights where the hardware has bf16), queries/s and how many answers are
-identical.
+saved adapters; `--repeat N`: N rounds in alternating order, each row's fastest kept.
+Every row's adapters are then loaded with plain `PeftModel.from_pretrained` and
+evaluated in float32: "final loss" is the mean target-token loss on the users' training
+histories; the fast row passes when it is within `--loss-tolerance` of plain-peft's.
+Answering: the queries are answered with plain-peft's adapters through milp's
+`answer_queries`, greedy, in float32 and with `injection.fast.bf16_answers`.
 
 MFU: required FLOPs (layers below the lowest memory layer once per example, layers
 above forward + input-gradient backward every epoch, LoRA forward + backward, attention,
-and the head at target positions only; the same count for every row) / seconds / the
-matmul peak measured here in the precision the fast path multiplies in (bf16 where the
-hardware has bf16 units, float32 elsewhere; a 2048x576x1536 product, the better of a
-probe before and one after the rows).
+the head at target positions only; one count for every row) / seconds / the matmul peak
+measured here in the precision the fast path multiplies in (bf16 where the hardware has
+bf16 units, float32 elsewhere).
 
     python experiments/bench_real.py                     # SmolLM2, 2 users x 32 pairs, 2 epochs
     python experiments/bench_real.py --model tiny        # embedded tiny model
@@ -44,19 +39,26 @@ probe before and one after the rows).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from bench_rows import (
+    best_of_rounds,
+    load_plain_peft,
+    matmul_peak,
+    measure,
+    run_row,
+    train_plain_peft,
+    train_with_injector,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_ROWS = ("plain-peft", "milp-sequential", "fast", "milp-batched")
+TRAIN_ROWS = ("plain-peft", "milp-fp32", "fast", "milp-batched")
 ANSWER_ROWS = ("answer-fp32", "answer-fast")
 
 
@@ -131,120 +133,28 @@ def setup(args):
     return cfg, base, users, dm, fmt
 
 
-def fresh_memory(cfg, base, user):
-    """The user's seeded, fresh peft memory (the same initial weights in every row)."""
-    import torch
-    from hydra.utils import instantiate
-
-    from milp.data.users import user_seed
-    from milp.memory import inject_memory
-
-    torch.manual_seed(user_seed(cfg.seed, user.user_id))
-    return inject_memory(base.model, instantiate(cfg.memory))
-
-
-# ----------------------------------------------------------------------------- rows
-
-
-def run_plain_peft(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    """What one writes without milp: peft + AdamW + the model's own loss, float32."""
-    import torch
-
-    from milp.memory import remove_memory
-
-    for user in users:
-        model = fresh_memory(cfg, base, user)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr)
-        loader = dm.select(user).train_dataloader()  # shuffled by a generator on the seed
-        for _ in range(args.epochs):
-            for batch in itertools.islice(loader, len(loader)):
-                batch = {k: v.to(args.device) for k, v in batch.items()}
-                model(**batch).loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.gradient_clip_val)
-                optimizer.step()
-                optimizer.zero_grad()
-        model.save_pretrained(out / user.slug)
-        base.model = remove_memory(model)
-
-
-def fast_settings(args, cfg, enabled: bool = True):
-    """The fast path of conf/injection (with `--fast` overrides), or the plain one."""
-    from milp.inject.fast import FastPath
-
-    if not enabled:
-        return FastPath.from_config(False)
+def fast_settings(args, cfg) -> dict:
+    """The fast path of conf/injection with `--fast` overrides."""
     settings = dict(cfg.injection.fast)
     for item in filter(None, (x.strip() for x in args.fast.split(","))):
         key, _, value = item.partition("=")
         settings[key] = int(value) if value.isdigit() else value.lower() in ("1", "true")
-    return FastPath.from_config(settings)
+    return settings
 
 
-def dm_memory(cfg):
-    from hydra.utils import instantiate
-
-    return instantiate(cfg.memory)
-
-
-def run_sequential(args, cfg, base, users, dm, out: Path, fast: bool) -> None:
-    """milp's sequential injector training each user (what `milp.train` runs, without
-    answering), float32 or on its fast path; saves each user's memory."""
-    from milp.adapters import adapter_config, peft_module_states, save_memory
-    from milp.assemble import make_injector
-    from milp.inject import seed_user
-    from milp.memory import inject_memory, place_memory, remove_memory
-
-    memory = dm_memory(cfg)
-    placement = place_memory(memory, base.model)
-    lora = adapter_config(memory, placement, base.model)
-    injector = make_injector(cfg, base, memory, placement, dm)
-    injector.fast = fast_settings(args, cfg, fast)
-    for user in users:
-        seed_user(cfg.seed, user.user_id)
-        model = inject_memory(base.model, memory, placement)
-        injector.train(model, user, injector.optim, None)
-        save_memory(out / user.slug, peft_module_states(model), lora, {"user_id": user.user_id})
-        base.model = remove_memory(model)
+def train_row(row: str, args, cfg, base, users, dm, out: Path) -> None:
+    """Train every user as `row` does (see the module doc); saves their memories."""
+    if row == "plain-peft":
+        train_plain_peft(cfg, base, users, dm, out, args.device)
+    elif row == "milp-fp32":
+        train_with_injector(cfg, base, users, dm, out, 1, fast=False)
+    elif row == "fast":
+        train_with_injector(cfg, base, users, dm, out, 1, fast_settings(args, cfg))
+    else:
+        train_with_injector(cfg, base, users, dm, out, len(users), fast_settings(args, cfg))
 
 
-def run_milp_sequential(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    run_sequential(args, cfg, base, users, dm, out, fast=False)
-
-
-def run_fast(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    run_sequential(args, cfg, base, users, dm, out, fast=True)
-
-
-def run_milp_batched(args, cfg, base, users, dm, fmt, out: Path) -> None:
-    """milp's batched path (all users' memories in one MemoryBank), fast path on."""
-    from milp.adapters import adapter_config, bank_module_states, save_memory
-    from milp.inject.bank import fresh_weights
-    from milp.inject.batched import SlotTrainer, TrainSettings
-    from milp.memory import place_memory
-
-    memory = dm_memory(cfg)
-    placement = place_memory(memory, base.model)
-    targets = placement.targets
-    lora = adapter_config(memory, placement, base.model)
-    loop = SlotTrainer(
-        base.model,
-        base.tokenizer.pad_token_id,
-        memory,
-        args.users,
-        TrainSettings.from_trainer_config(cfg.trainer),
-        targets=targets,
-        fast=fast_settings(args, cfg),
-        start_layer=min(placement.layers),
-        **cfg.optim,
-    )
-    start = lambda user: fresh_weights(targets, memory)  # noqa: E731
-    for done in loop.train(users, dm, start, seed=cfg.seed):
-        states = bank_module_states(targets, done.weights, memory)
-        save_memory(out / done.user.slug, states, lora, {"user_id": done.user.user_id})
-
-
-def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast: bool) -> int:
+def run_answers(cfg, base, users, dm, out: Path, adapters: Path, fast: bool) -> int:
     """Answer every user's queries with its plain-peft memory through milp's
     `answer_queries` (float32, or bf16 as `injection.fast.bf16_answers` does); writes
     answers.json."""
@@ -253,16 +163,9 @@ def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast
     answers = {}
     for user in users:
         model = load_plain_peft(base.model, adapters / user.slug)
-        found = answer_queries(
-            model,
-            base.tokenizer,
-            dm,
-            [user],
-            lambda user_ids, use_memory: nullcontext(),
-            dict(cfg.generation),
-            compare_without_memory=False,
-            bf16=fast,
-        )
+        keep = lambda user_ids, use_memory: nullcontext()  # noqa: E731
+        generation = dict(cfg.generation)
+        found = answer_queries(model, base.tokenizer, dm, [user], keep, generation, False, fast)
         answers |= {p["id"]: p["prediction"] for p in found.predictions}
         base.model = model.unload()
     out.mkdir(parents=True, exist_ok=True)
@@ -270,22 +173,7 @@ def run_answers(args, cfg, base, users, dm, fmt, out: Path, adapters: Path, fast
     return len(answers)
 
 
-def load_plain_peft(model, directory: Path):
-    """A user's saved memory loaded with plain peft only (no milp code): every adapter
-    under `directory`, all active together, in eval mode."""
-    from peft import PeftModel
-
-    dirs = sorted(p.parent for p in directory.glob("*/adapter_config.json"))
-    if not dirs:
-        raise SystemExit(f"{directory}: no peft adapter saved there")
-    peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=dirs[0].name)
-    for d in dirs[1:]:
-        peft_model.load_adapter(str(d), adapter_name=d.name)
-    peft_model.base_model.set_adapter([d.name for d in dirs])
-    return peft_model.eval()
-
-
-def run_final_loss(args, cfg, base, users, dm, fmt, out: Path, rows: dict[str, Path]) -> None:
+def run_final_loss(args, base, users, fmt, out: Path, rows: dict[str, Path]) -> None:
     """Each row's saved adapters, loaded with plain peft, evaluated in float32: the mean
     target-token loss over each user's training history (writes losses.json)."""
     import torch
@@ -313,109 +201,53 @@ def run_final_loss(args, cfg, base, users, dm, fmt, out: Path, rows: dict[str, P
     (out / "losses.json").write_text(json.dumps(losses))
 
 
-TRAINERS = {
-    "plain-peft": run_plain_peft,
-    "milp-sequential": run_milp_sequential,
-    "fast": run_fast,
-    "milp-batched": run_milp_batched,
-}
-
-
 def worker(args) -> None:
     """One row in this process; prints one RESULT line."""
-    import resource
-
-    import torch
-    from bench_injection import PeakMemory  # the same peak-memory probe as that bench
-
     cfg, base, users, dm, fmt = setup(args)
-    extra = {}
-    profiler = None
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
 
-        profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
-    with PeakMemory(args.device) as memory:
-        started = time.perf_counter()
-        if profiler:
-            profiler.__enter__()
-        if args.worker in TRAINERS:
-            TRAINERS[args.worker](args, cfg, base, users, dm, fmt, args.out)
+    def body() -> dict | None:
+        if args.worker in TRAIN_ROWS:
+            train_row(args.worker, args, cfg, base, users, dm, args.out)
         elif args.worker in ANSWER_ROWS:
-            extra["queries"] = run_answers(
-                args,
-                cfg,
-                base,
-                users,
-                dm,
-                fmt,
-                args.out,
-                args.out.parent / "plain-peft",
-                fast=args.worker == "answer-fast",
-            )
+            plain = args.out.parent / "plain-peft"
+            bf16 = args.worker == "answer-fast"
+            return {"queries": run_answers(cfg, base, users, dm, args.out, plain, bf16)}
         elif args.worker == "final-loss":
             rows = {r: args.out.parent / r for r in TRAIN_ROWS if (args.out.parent / r).is_dir()}
-            run_final_loss(args, cfg, base, users, dm, fmt, args.out, rows)
+            run_final_loss(args, base, users, fmt, args.out, rows)
         else:
             raise SystemExit(f"unknown row {args.worker}")
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        if profiler:
-            profiler.__exit__(None, None, None)
-            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-            args.profile.mkdir(parents=True, exist_ok=True)
-            (args.profile / f"{args.worker}.txt").write_text(table)
-    result = {
-        "row": args.worker,
-        "seconds": seconds,
-        "peak_bytes": memory.peak,
-        "baseline_bytes": memory.baseline,
-        "threads": torch.get_num_threads(),
-        "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-    } | extra
-    print("RESULT " + json.dumps(result), flush=True)
+        return None
+
+    if not args.profile:
+        result = measure(args.device, body)
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            result = measure(args.device, body)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        args.profile.mkdir(parents=True, exist_ok=True)
+        (args.profile / f"{args.worker}.txt").write_text(table)
+    print("RESULT " + json.dumps({"row": args.worker} | result), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def matmul_peak(device: str, threads: int | None) -> dict[str, float]:
-    """Measured GFLOP/s of a 2048x576x1536 product, float32 and bf16 (the MFU peak)."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a = torch.randn(2048, 576, dtype=dtype, device=device)
-        b = torch.randn(576, 1536, dtype=dtype, device=device)
-        best = float("inf")
-        for _ in range(5):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(10):
-                a @ b
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - started) / 10)
-        out[name] = 2 * 2048 * 576 * 1536 / best / 1e9
-    return out
-
-
 def workload(args, cfg, base, users, fmt) -> dict:
     """Training tokens and required FLOPs of the job (the same for every row)."""
+    from hydra.utils import instantiate
+
     from milp.memory import place_memory
 
     model, config = base.model, base.model.config
     layers, hidden = config.num_hidden_layers, config.hidden_size
-    lowest = min(place_memory(dm_memory(cfg), model).layers)
+    memory = instantiate(cfg.memory)
+    lowest = min(place_memory(memory, model).layers)
     decoder = model.get_decoder()
     per_layer = sum(p.numel() for p in decoder.layers[0].parameters() if p.dim() == 2)
     head = model.get_output_embeddings().weight.numel()
-    memory = dm_memory(cfg)
     tokens = targets = attention = 0
     for user in users:
         for pair in user.history:
@@ -450,17 +282,6 @@ def workload(args, cfg, base, users, fmt) -> dict:
     }
 
 
-def run_row(row: str, argv: list[str], scratch: Path) -> dict:
-    command = [sys.executable, __file__, *argv, "--worker", row, "--out", str(scratch / row)]
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"{row} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -486,27 +307,16 @@ def main(argv=None) -> None:
         flush=True,
     )
     scratch = Path(tempfile.mkdtemp(prefix="bench-real-"))
-    results = {}
-    # On a shared machine the load drifts: repeated rounds in alternating order, and
-    # each row's fastest run, keep one busy spell from deciding a ratio.
-    for round_ in range(max(1, args.repeat)):
-        order = (
-            rows
-            if round_ % 2 == 0
-            else [r for r in reversed(rows) if r in TRAIN_ROWS]
-            + [r for r in rows if r in ANSWER_ROWS]
-        )
-        for row in order:
-            result = run_row(row, argv, scratch) | {"load_after": os.getloadavg()[0]}
-            print(f"  {row}: {result['seconds']:.1f} s (load {result['load_after']:.2f})")
-            runs = results.get(row, {}).get("runs", []) + [result["seconds"]]
-            if row not in results or result["seconds"] < results[row]["seconds"]:
-                results[row] = result
-            results[row]["runs"] = runs
+
+    def run(row: str, round_: int) -> dict:
+        return run_row(__file__, argv, row, scratch / row)
+
     trained = [r for r in rows if r in TRAIN_ROWS]
+    results = best_of_rounds(trained, args.repeat, run)
+    results |= {row: run(row, 0) for row in rows if row in ANSWER_ROWS}
     losses = {}
     if trained:
-        run_row("final-loss", argv, scratch)
+        run("final-loss", 0)
         losses = json.loads((scratch / "final-loss" / "losses.json").read_text())
     load_after = os.getloadavg()
     # The machine may be busier at either end: the better of the two probes is the peak.

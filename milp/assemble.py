@@ -21,8 +21,9 @@ from milp.data.controls import check_history_of, pooled_histories, swapped_histo
 from milp.data.datamodule import UserDataModule
 from milp.data.users import user_hash
 from milp.errors import MilpError
-from milp.inject import Injector, quiet_lightning
+from milp.inject import quiet_lightning
 from milp.inject.fast import FastPath
+from milp.inject.injector import Injector
 from milp.memory import MemoryConfig, MemoryPlacement, place_memory
 from milp.metrics import OBJECTIVE_NAMES
 from milp.models.hf import BaseModel, model_identity

@@ -31,7 +31,8 @@ from milp.attribution import (
 from milp.attribution_stats import format_attribution
 from milp.data.users import User
 from milp.errors import MilpError, exit_with, os_fault
-from milp.inject import Injector, TrainedUser
+from milp.inject import TrainedUser
+from milp.inject.injector import Injector
 from milp.memory import MemoryConfig, MemoryPlacement
 from milp.models.hf import BaseModel
 from milp.prune import Pruner

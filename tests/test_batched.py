@@ -1,11 +1,14 @@
-"""Batched multi-user injection (milp/inject/bank.py, milp/inject/batched.py) and
-incremental memory (memory.resume_from): real tiny models, real peft, real milp.train
-processes."""
+"""The one trainer (milp/inject/{bank,schedule,module,injector}.py) against peft, the
+reference (its placement, initialisation, file format and training with torch's AdamW),
+and incremental memory (memory.resume_from): real tiny models, real peft, real
+milp.train processes."""
 
 import hashlib
+import itertools
 import json
 import signal
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -24,9 +27,12 @@ from milp.adapters import (
     split_modules,
     stack_modules,
 )
+from milp.inject import TrainedUser, seed_user
+from milp.inject.answer import answer_queries
 from milp.inject.bank import MemoryBank, fresh_weights
 from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot
 from milp.memory import MemoryConfig, Target, inject_memory, place_memory, remove_memory
+from milp.store import adapters_dir, user_memory
 
 MEMORY = MemoryConfig(num_loras=2, rank=4, alpha=8, layers=[1, 3], target_modules=["ffn", "q_proj"])
 
@@ -224,7 +230,8 @@ def test_slot_optimizer_and_clipping_match_torch_per_user():
             p.grad = g.clone()
             p.grad[[s for s in range(3) if s not in active]] = 0
         clip_grad_norm_per_slot(bank, 1.0)
-        ours.step(active)
+        ours.active = active
+        ours.step()
         ours.zero_grad()
         for s in active:
             for p, g in zip(singles[s], grads, strict=True):
@@ -299,6 +306,40 @@ def inject_users(
     }
 
 
+def peft_reference(cfg, base, memory, dm, user):
+    """One user's memory as peft trains it: fresh peft modules after the user's seed,
+    torch's AdamW and clip_grad_norm_, the user's batches epoch by epoch as a Lightning
+    fit draws them, float32, padded batches; answered through peft (its adapters
+    switched off for the no-memory answers). Returns the user's result record and its
+    memory modules."""
+    seed_user(cfg.seed, user.seed_id)
+    model = inject_memory(base.model, memory, place_memory(memory, base.model))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    loader = dm.select(user).train_dataloader()
+    try:
+        for _ in range(cfg.trainer.max_epochs):
+            for batch in itertools.islice(loader, len(loader)):
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.gradient_clip_val)
+                optimizer.step()
+                optimizer.zero_grad()
+
+        def switch(user_ids, use_memory):
+            return nullcontext() if use_memory else model.disable_adapter()
+
+        answers = answer_queries(
+            model, base.tokenizer, dm, [user], switch, dict(cfg.generation), True
+        )
+        states = peft_module_states(model)
+        count = sum(p.numel() for p in trainable)
+        record = TrainedUser(user, answers, states, count, loss.item(), 0.0, 0.0).record()
+        return record, states
+    finally:
+        base.model = remove_memory(model)
+
+
 # Float32 paths: the plain one, and the exact fast-path pieces (packing, target-only
 # logits, with memory on the top half: the prefix cache below it).
 EXACT = {
@@ -309,10 +350,8 @@ EXACT = {
 
 
 @pytest.mark.parametrize("case", sorted(EXACT))
-def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
-    milp_cache, monkeypatch, tmp_path, case
-):
-    """users_per_batch=1 and 3 against the Lightning/peft path: same seed, same weights."""
+def test_one_trainer_gives_pefts_memories_and_answers(milp_cache, monkeypatch, tmp_path, case):
+    """users_per_batch=1 and 3 against peft trained by torch: same seed, same weights."""
     from hydra.utils import instantiate
 
     fast, extra = EXACT[case]
@@ -321,23 +360,26 @@ def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
     dm, base = instantiate(cfg.data), instantiate(cfg.model)
     dm.attach_tokenizer(base.tokenizer)
     users = dm.users
-    out = tmp_path / "seq"
-    sequential = inject_users(cfg, base, memory, dm, users, out, "sequential", fast=fast)
-    reference = adapters(tmp_path / "seq")
+    reference = {u.user_id: peft_reference(cfg, base, memory, dm, u) for u in users}
     layers = 2 if extra else 4
-    assert len(reference) == 3 * 2 * layers * 3 * 2  # users x memories x layers x ffn x (A, B)
     for users_per_batch in (1, 3):
         out = tmp_path / f"batched{users_per_batch}"
         batched = inject_users(cfg, base, memory, dm, users, out, "batched", users_per_batch, fast)
-        ours = adapters(out)
-        assert ours.keys() == reference.keys()
-        for key, value in reference.items():
-            # Float32 rounding differs (summation order); Adam's normalized steps carry
-            # it along, so the tolerance is a small fraction of one step (lr=1e-2).
-            torch.testing.assert_close(ours[key], value, rtol=0, atol=2e-4)
-        for record in sequential.values():
-            other = batched[record["user_id"]]
-            assert other.keys() == record.keys()
+        # users x memories x layers x ffn x (A, B)
+        assert len(adapters(out)) == 3 * 2 * layers * 3 * 2
+        for uid, (record, states) in reference.items():
+            saved = user_memory(adapters_dir(out), uid)
+            assert sorted(states) == sorted(p.name for p in saved.glob("memory_*"))
+            for name, module in states.items():
+                ours = load_file(saved / name / "adapter_model.safetensors")
+                assert ours.keys() == module.keys()
+                for key, value in module.items():
+                    # Float32 rounding differs (summation order: packed rows, one stacked
+                    # product for the modules instead of peft's one per module); Adam's
+                    # normalized steps carry it along, so the tolerance is a small
+                    # fraction of one step (lr=1e-2).
+                    torch.testing.assert_close(ours[key], value, rtol=0, atol=2e-4)
+            other = batched[uid]
             assert other["train_loss"] == pytest.approx(record["train_loss"], rel=1e-4)
             assert other["trainable_parameters"] == record["trainable_parameters"]
             assert [p["prediction"] for p in other["predictions"]] == [
@@ -349,7 +391,7 @@ def test_batched_path_gives_the_sequential_paths_adapters_and_answers(
 
 def test_bf16_fast_path_trains_to_the_float32_loss(milp_cache, monkeypatch, tmp_path):
     """The default fast path (bf16 autocast where the CPU has bf16) ends each user's
-    training within 3% of the float32 path's loss, on both injectors."""
+    training within 3% of the float32 path's loss, one user or three per step."""
     from hydra.utils import instantiate
 
     from milp.inject.fast import bf16_supported
@@ -368,6 +410,26 @@ def test_bf16_fast_path_trains_to_the_float32_loss(milp_cache, monkeypatch, tmp_
         for user_id, record in plain.items():
             assert fast[user_id]["train_loss"] == pytest.approx(record["train_loss"], rel=0.03)
             assert fast[user_id]["train_loss"] != record["train_loss"]  # bf16 did run
+
+
+def test_a_trainer_stopped_early_is_an_error_not_a_shorter_training(
+    milp_cache, monkeypatch, tmp_path
+):
+    """Each user trains for trainer.max_epochs: a Trainer that stops mid-way (here its
+    max_time) would hand out memories trained for fewer steps, so it is refused."""
+    from hydra.utils import instantiate
+
+    from milp.errors import MilpError
+
+    cfg = compose(
+        milp_cache, monkeypatch, "data.users.max_users=2", "+trainer.max_time=00:00:00:00"
+    )
+    memory = instantiate(cfg.memory)
+    dm, base = instantiate(cfg.data), instantiate(cfg.model)
+    dm.attach_tokenizer(base.tokenizer)
+    with pytest.raises(MilpError, match="stopped before its users' steps were done"):
+        inject_users(cfg, base, memory, dm, dm.users, tmp_path / "run", "batched", 2)
+    assert not list((tmp_path / "run").glob("users/*.json"))
 
 
 def test_resume_from_continues_the_stored_memory(milp_cache, monkeypatch, tmp_path):

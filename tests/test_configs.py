@@ -123,7 +123,7 @@ def test_every_model_option(option, cache):
 @pytest.mark.parametrize("option", options(CONF / "injection"))
 def test_every_injection_option_builds_an_injector(option, cache):
     from milp.assemble import make_injector
-    from milp.inject import Injector
+    from milp.inject.injector import Injector
     from milp.memory import place_memory
 
     cfg = composed("+experiment=lamp", f"injection={option}", *TINY_MODEL_OVERRIDES)
@@ -132,7 +132,7 @@ def test_every_injection_option_builds_an_injector(option, cache):
     placement = place_memory(memory, base.model)
     injector = make_injector(cfg, base, memory, placement, datamodule)
     assert isinstance(injector, Injector)
-    assert type(injector).__name__ == f"{option.capitalize()}Injector"
+    assert injector.slots == {"sequential": 1, "batched": 16}[option]  # users per step
 
 
 @pytest.mark.parametrize("option", options(CONF / "experiment"))
@@ -163,7 +163,8 @@ RUN |= {"compare_without_memory": True, "optim.weight_decay": 0.0, "optim.warmup
 RUN |= {"generation.do_sample": False, "generation.num_beams": 1, "retrieval.k": 0}
 RUN |= {"trainer.gradient_clip_val": 1.0, "trainer.precision": "32-true"}
 RUN |= {"memory.alpha": 16, "memory.dropout": 0.0, "memory.target_modules": ["ffn"]}
-RUN |= {"injection._target_": "milp.inject.sequential.SequentialInjector", "data.batch_size": 8}
+RUN |= {"injection._target_": "milp.inject.injector.Injector", "data.batch_size": 8}
+RUN |= {"injection.users_per_batch": 1}
 REAL = {
     "model._target_": "milp.models.smollm2.load_smollm2",
     "memory.num_loras": 1,

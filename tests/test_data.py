@@ -1,11 +1,13 @@
+import itertools
 import json
 import re
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from milp.data.checks import find_gold_leaks
-from milp.data.datamodule import IGNORE_INDEX, PromptFormat, UserDataModule
+from milp.data.datamodule import IGNORE_INDEX, PromptFormat, ShuffledEpochs, UserDataModule
 from milp.data.history import load_history_users
 from milp.data.lamp import load_lamp_split, load_lamp_users
 from milp.data.synthetic import ensure_synthetic_lamp, write_synthetic_lamp
@@ -352,3 +354,19 @@ def test_user_slug_is_safe_and_unique():
     assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", s) and len(s) <= 105 for s in slugs), (
         slugs
     )
+
+
+@pytest.mark.parametrize("n, size, epochs", [(10, 3, 3), (8, 4, 4), (1, 8, 2), (17, 5, 5)])
+def test_shuffled_epochs_are_a_shuffled_dataloaders_epochs(n, size, epochs):
+    """A user's batches over all its epochs, drawn in one pass (milp.inject.schedule),
+    are the batches a shuffled DataLoader gives epoch by epoch, as a Lightning fit
+    iterates it: the same generator draws, whether or not an epoch's last batch is
+    partial."""
+    generator = torch.Generator().manual_seed(5)
+    loader = DataLoader(range(n), batch_size=size, shuffle=True, generator=generator)
+    reference = [b.tolist() for _ in range(epochs) for b in itertools.islice(loader, len(loader))]
+    generator = torch.Generator().manual_seed(5)
+    sampler = ShuffledEpochs(n, size, epochs, generator)
+    ours = DataLoader(range(n), batch_sampler=sampler, generator=generator)
+    assert [b.tolist() for b in ours] == reference
+    assert len(sampler) == len(reference)

@@ -32,7 +32,7 @@ def test_end_to_end_run_writes_adapters_predictions_and_metrics(milp_cache, tmp_
     assert "memory injection" in result.stdout and "no memory (same users)" in result.stdout
     # One progress bar (users, and the steps of the user in training), no per-user
     # Lightning banners or expected warnings; stdout holds the table.
-    assert "users: 100%" in result.stderr and re.search(r"step (\d+)/\1\]", result.stderr)
+    assert "users: 100%" in result.stderr and re.search(r"user-steps (\d+)/\1\]", result.stderr)
     for noise in ("GPU available", "Tip:", "eval mode", "Warning", "warnings.warn", "Epoch 0"):
         assert noise not in result.stderr + result.stdout, noise
 

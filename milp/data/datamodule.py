@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from milp.data.checks import find_gold_leaks, setting_int
 from milp.data.retrieval import RetrievalFormat, add_retrieval
@@ -210,6 +210,39 @@ class QueryCollator:
         }
 
 
+class ShuffledEpochs(Sampler[list[int]]):
+    """Mini-batches of `size` indices over `epochs` epochs, each epoch a fresh permutation
+    of `n` drawn from `generator`; an epoch's last batch may be smaller.
+
+    Epoch k is what a `DataLoader(shuffle=True, generator=generator)` iterated for the
+    k-th time gives (a Lightning fit of `epochs` epochs): each such iteration first draws
+    its workers' base seed from the generator, then the permutation, and where the last
+    batch is partial, the sampler runs out (a `RandomSampler` draws one more, empty,
+    slice of a permutation then).
+    """
+
+    def __init__(self, n: int, size: int, epochs: int | None, generator: torch.Generator) -> None:
+        self.n, self.size, self.epochs, self.generator = n, size, epochs, generator
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an endless sampler has no length")
+        return self.epochs * math.ceil(self.n / self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = 0
+        while self.n and (self.epochs is None or epoch < self.epochs):
+            if epoch:  # the DataLoader draws the first epoch's base seed itself
+                torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            order = torch.randperm(self.n, generator=self.generator).tolist()
+            for first in range(0, self.n, self.size):
+                batch = order[first : first + self.size]
+                if len(batch) < self.size:  # the sampler has run out before this batch
+                    torch.randperm(self.n, generator=self.generator)
+                yield batch
+            epoch += 1
+
+
 class UserDataModule(L.LightningDataModule):
     """All users of one split; serves the selected user(s) to a Lightning Trainer.
 
@@ -326,20 +359,32 @@ class UserDataModule(L.LightningDataModule):
         if self.tokenizer is None or not self.selected:
             raise RuntimeError("call attach_tokenizer() and select() before asking for data")
 
-    def train_dataloader(self) -> DataLoader:
+    def _repeats(self, examples: int) -> int:
+        # Sparse history: a user with few items would get one or two optimizer steps per
+        # epoch; repeating the whole history gives them as many as a user with
+        # min_examples_per_epoch items (each item equally often).
+        if examples and examples < self.min_examples_per_epoch:
+            return math.ceil(self.min_examples_per_epoch / examples)
+        return 1
+
+    def examples_per_epoch(self, user: User) -> int:
+        """How many training examples one epoch of this user's history holds."""
+        return len(user.history) * self._repeats(len(user.history))
+
+    def train_dataloader(self, epochs: int | None = 1) -> DataLoader:
+        """The selected users' history pairs, shuffled, for `epochs` epochs (None: no end).
+
+        The order is fixed by the global seed when this is called (`seed_user`): each
+        epoch is one permutation drawn from a generator seeded then, as a shuffled
+        DataLoader draws it, so epoch k is the same whatever else runs meanwhile.
+        """
         self._check_ready()
         pairs = [pair for user in self.selected for pair in user.history]
-        if pairs and len(pairs) < self.min_examples_per_epoch:
-            # Sparse history: a user with few items would get one or two optimizer steps
-            # per epoch; repeating the whole history gives them as many as a user with
-            # min_examples_per_epoch items (each item equally often).
-            pairs = pairs * math.ceil(self.min_examples_per_epoch / len(pairs))
-        # A seeded generator makes the shuffling part of the run's determinism.
+        pairs = pairs * self._repeats(len(pairs))
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         return DataLoader(
             pairs,
-            batch_size=self.batch_size,
-            shuffle=True,
+            batch_sampler=ShuffledEpochs(len(pairs), self.batch_size, epochs, generator),
             generator=generator,
             collate_fn=TrainCollator(self.tokenizer, self.format),
         )

@@ -1,11 +1,15 @@
 """Per-slot optimisation of a `MemoryBank`: each user's AdamW state, step count and
 gradient clipping of its own, so a user trained among others follows the trajectory it
 would follow alone (global-norm clipping over all users would couple them).
+
+`SlotAdamW` is a `torch.optim.Optimizer`, so the Lightning Trainer steps it like any
+other (closure, precision plugin, `zero_grad`); which slots a step updates is set by
+the training module (`milp.inject.module.MemoryTraining`) before each step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -15,27 +19,26 @@ from milp.inject.bank import MemoryBank
 def clip_grad_norm_per_slot(bank: MemoryBank, max_norm: float) -> torch.Tensor:
     """Clip each slot's gradient to `max_norm` (L2 over all its tensors), as
     `torch.nn.utils.clip_grad_norm_` clips one user's parameters; returns the norms."""
-    norms = []
-    for param in [*bank.lora_A, *bank.lora_B]:
-        if param.grad is not None:
-            norms.append(torch.linalg.vector_norm(param.grad.flatten(1), dim=1))
+    params = [p for p in bank.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(bank.slots)
+    norms = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in params]
     total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for param in [*bank.lora_A, *bank.lora_B]:
-        if param.grad is not None:
-            param.grad.mul_(coef.view(-1, *([1] * (param.grad.dim() - 1))))
+    for p in params:
+        p.grad.mul_(coef.view(-1, *([1] * (p.grad.dim() - 1))))
     return total
 
 
 def clip_grad_value_(bank: MemoryBank, clip_value: float) -> None:
     """Element-wise clipping (separable per user as it is)."""
-    for param in [*bank.lora_A, *bank.lora_B]:
-        if param.grad is not None:
-            param.grad.clamp_(-clip_value, clip_value)
+    for p in bank.parameters():
+        if p.grad is not None:
+            p.grad.clamp_(-clip_value, clip_value)
 
 
-class SlotAdamW:
-    """AdamW with separate state and step count per slot; steps only the active slots.
+class SlotAdamW(torch.optim.Optimizer):
+    """AdamW with separate state and step count per slot; steps only the `active` slots.
 
     Per slot, the update is that of `torch.optim.AdamW` (decoupled weight decay, bias
     correction by the slot's own step count), with an optional linear warmup of the
@@ -51,60 +54,72 @@ class SlotAdamW:
         eps: float = 1e-8,
         warmup_steps: int = 0,
     ) -> None:
-        self.bank = bank
-        self.params = [*bank.lora_A, *bank.lora_B]
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.warmup_steps = warmup_steps
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = torch.zeros(bank.slots, dtype=torch.float64)
+        defaults = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        super().__init__(list(bank.parameters()), defaults)
+        self.slots, self.warmup_steps = bank.slots, int(warmup_steps)
+        self.slot_steps = torch.zeros(bank.slots, dtype=torch.float64)
+        self.active: list[int] = list(range(bank.slots))  # set before each step
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = float(value)
 
     def reset_slot(self, slot: int) -> None:
         """Fresh optimizer state for a slot (a new user moved in)."""
-        for m, v in zip(self.exp_avg, self.exp_avg_sq, strict=True):
-            m[slot].zero_()
-            v[slot].zero_()
-        self.steps[slot] = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        for state in self.state.values():
+            state["exp_avg"][slot].zero_()
+            state["exp_avg_sq"][slot].zero_()
+        self.slot_steps[slot] = 0
 
     @torch.no_grad()
-    def step(self, active: Sequence[int]) -> None:
-        """One AdamW step for the users in the `active` slots."""
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One AdamW step for the users in the `active` slots (after `closure`, if given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update(self.active)
+        return loss
+
+    def _update(self, active: Sequence[int]) -> None:
         if not len(active):
             return
-        beta1, beta2 = self.betas
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
         idx_cpu = torch.as_tensor(list(active), dtype=torch.long)
-        self.steps[idx_cpu] += 1
-        step = self.steps[idx_cpu]
-        lr = self.lr * torch.ones_like(step)
+        self.slot_steps[idx_cpu] += 1
+        step = self.slot_steps[idx_cpu]
+        lr = group["lr"] * torch.ones_like(step)
         if self.warmup_steps:
             lr = lr * torch.clamp(step / self.warmup_steps, max=1.0)
-        device = self.params[0].device
-        step_size = (lr / (1 - beta1**step)).to(device=device, dtype=torch.float32)
-        bias2_sqrt = torch.sqrt(1 - beta2**step).to(device=device, dtype=torch.float32)
-        decay = (1 - lr * self.weight_decay).to(device=device, dtype=torch.float32)
-        idx = idx_cpu.to(device)
-        everyone = len(active) == self.bank.slots and bool(
-            (idx == torch.arange(len(idx), device=device)).all()
-        )
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+        everyone = list(active) == list(range(self.slots))
+        for p in group["params"]:
             if p.grad is None:
                 continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            device, shape = p.device, (-1,) + (1,) * (p.dim() - 1)
+            step_size = (lr / (1 - beta1**step)).to(device, torch.float32).view(shape)
+            bias2_sqrt = torch.sqrt(1 - beta2**step).to(device, torch.float32).view(shape)
+            decay = (1 - lr * group["weight_decay"]).to(device, torch.float32).view(shape)
             if everyone:
                 w, g, mm, vv = p.data, p.grad, m, v
             else:
+                idx = idx_cpu.to(device)
                 w, g, mm, vv = p.data[idx], p.grad[idx], m[idx], v[idx]
-            if self.weight_decay:
-                w.mul_(decay.view(shape))
+            if group["weight_decay"]:
+                w.mul_(decay)
             mm.lerp_(g, 1 - beta1)
             vv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (vv.sqrt() / bias2_sqrt.view(shape)).add_(self.eps)
-            w.addcdiv_(mm * step_size.view(shape), denom, value=-1.0)
+            denom = (vv.sqrt() / bias2_sqrt).add_(group["eps"])
+            w.addcdiv_(mm * step_size, denom, value=-1.0)
             if not everyone:
-                p.data[idx] = w
-                m[idx] = mm
-                v[idx] = vv
+                p.data[idx], m[idx], v[idx] = w, mm, vv
