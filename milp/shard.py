@@ -14,7 +14,7 @@ Rank, local rank and world size are read through Lightning's cluster environment
 (`TorchElasticEnvironment` for torchrun, `SLURMEnvironment` for srun), the same ones
 Lightning's DDP strategy uses. Users are dealt to ranks longest-history-first onto the
 least-loaded rank (deterministic, so every rank computes the same assignment); each rank
-pins its own GPU (`cuda:<local rank>`) and runs the ordinary per-user (or batched) path on
+pins its own GPU (`cuda:<local rank>`) and runs the ordinary injector on
 its users, writing into the shared run directory (`hydra.run.dir` must be the same on
 all ranks: a shared file system across nodes). At the end the ranks meet once in a
 process group (gloo; initialized only then, so that no collective can run while ranks
