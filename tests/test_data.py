@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from milp.data.checks import find_gold_leaks
-from milp.data.datamodule import IGNORE_INDEX, PromptFormat, ShuffledEpochs, UserDataModule
+from milp.data.datamodule import IGNORE_INDEX, PromptFormat, UserDataModule
+from milp.data.epochs import ShuffledEpochs
 from milp.data.history import load_history_users
 from milp.data.lamp import load_lamp_split, load_lamp_users
 from milp.data.synthetic import ensure_synthetic_lamp, write_synthetic_lamp
