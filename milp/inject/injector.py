@@ -8,7 +8,8 @@ own loss, clipping and AdamW state, on its own mini-batches (`milp.inject.schedu
 A user whose steps are done leaves its slot to the next user at once. Each user's
 memory follows the trajectory of its own one-user run (same initial weights, drawn as
 peft draws them after the user's seed; same batches; same update) up to float
-summation order, so `users_per_batch` changes speed, not results.
+summation order, so `users_per_batch` changes speed, not results (with
+`memory.dropout > 0`, the dropout masks differ: equal in distribution only).
 
 Between training steps, each group of `users_per_batch` finished users is answered in
 mixed-user batches, every row routed to its own user's memory (and once more with no
@@ -245,8 +246,6 @@ class Injector:
         trainer = self._settings(callbacks=callbacks, max_epochs=1, max_steps=-1)
         with quiet_lightning():
             trainer.fit(module, train_dataloaders=schedule)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
         if schedule.unrecorded:
             raise MilpError(
                 "memory training stopped before its users' steps were done (a callback or "

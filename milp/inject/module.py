@@ -64,6 +64,13 @@ class MemoryTraining(L.LightningModule):
         self.log("train/loss", mean, prog_bar=True, batch_size=len(running))
         return losses[running].sum()
 
+    def cpu(self) -> MemoryTraining:
+        # Lightning moves the module to the CPU at the end of every fit; a run fits once
+        # per finished user and answers queries on the model's device in between, so the
+        # model and its memories stay where they are (the optimizer state is moved back
+        # by the next fit's setup).
+        return self
+
     def configure_optimizers(self) -> SlotAdamW:
         return self.slot_optimizer  # one per run: its per-user state outlives each fit
 

@@ -41,6 +41,8 @@ class UserSteps:
 
     def planned(self, datamodule: UserDataModule, user: User) -> float:
         per_epoch = math.ceil(datamodule.examples_per_epoch(user) / datamodule.batch_size)
+        if not per_epoch:
+            return 0
         epochs = math.inf if self.epochs is None else self.epochs
         return min(per_epoch * epochs, math.inf if self.max_steps is None else self.max_steps)
 
