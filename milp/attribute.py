@@ -21,7 +21,7 @@ from milp.attribution import attribute, plan_attribution
 from milp.attribution_stats import format_attribution
 from milp.build import build
 from milp.data.datamodule import UserDataModule
-from milp.errors import MilpError, exit_with, os_fault
+from milp.errors import MilpError, run_command
 from milp.memory import MemoryConfig, place_memory
 from milp.models.hf import model_identity
 from milp.store import RunStore, run_config, run_lock
@@ -76,13 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 @hydra.main(config_path="../conf", config_name="attribute", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint; user errors print as one line."""
-    try:
-        try:
-            run(cfg)
-        except OSError as err:  # a run directory that cannot be written (read-only, full)
-            raise os_fault(err) from err
-    except MilpError as err:
-        exit_with(err)
+    run_command(lambda: run(cfg))
 
 
 if __name__ == "__main__":

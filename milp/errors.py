@@ -6,7 +6,10 @@ entrypoints can print it without a traceback (`exit_with`).
 """
 
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class MilpError(Exception):
@@ -33,3 +36,18 @@ def os_fault(err: OSError) -> EnvironmentFault:
     """An operating-system error of a file operation as one line naming the file."""
     where = f"{err.filename}: " if err.filename else ""
     return EnvironmentFault(f"{where}{err.strerror or err}")
+
+
+def run_command(command: Callable[[], T], *, reraise: bool = False) -> T:
+    """Run a command's body: an unwritable output becomes an `EnvironmentFault`, and a
+    user error ends the command as one line (`exit_with`), or is raised on with
+    `reraise` (a search trial, which the sweeper records as failed)."""
+    try:
+        try:
+            return command()
+        except OSError as err:  # an output that cannot be written (read-only, full)
+            raise os_fault(err) from err
+    except MilpError as err:
+        if reraise:
+            raise
+        exit_with(err)

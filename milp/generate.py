@@ -47,7 +47,7 @@ from milp.adapters import (
 from milp.data.checks import setting_number
 from milp.data.datamodule import PromptFormat, QueryCollator
 from milp.data.users import Query, user_slug
-from milp.errors import MilpError, exit_with, os_fault
+from milp.errors import MilpError, run_command
 from milp.files import atomic_write_text
 from milp.inject.answer import generate_answers
 from milp.inject.bank import MemoryBank
@@ -319,13 +319,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        try:
-            serve(cfg)
-        except OSError as err:  # an answers file that cannot be written (read-only, full)
-            raise os_fault(err) from err
-    except MilpError as err:
-        exit_with(err)
+    run_command(lambda: serve(cfg))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from milp.attribution import (
 )
 from milp.attribution_stats import format_attribution
 from milp.data.users import User
-from milp.errors import MilpError, exit_with, os_fault
+from milp.errors import MilpError, run_command
 from milp.inject import TrainedUser
 from milp.inject.injector import Injector
 from milp.memory import MemoryConfig, MemoryPlacement
@@ -242,16 +242,12 @@ def report(
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entrypoint; user errors print as one line (single runs) or fail the trial."""
-    try:
-        try:
-            with ExitStack() as held:
-                return run(cfg, held)
-        except OSError as err:  # a run directory that cannot be written (read-only, full)
-            raise os_fault(err) from err
-    except MilpError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweeper records the trial as failed
-        exit_with(err)
+
+    def body() -> float | None:
+        with ExitStack() as held:
+            return run(cfg, held)
+
+    return run_command(body, reraise=HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
 if __name__ == "__main__":
