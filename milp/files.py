@@ -152,9 +152,7 @@ def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
     trial) published it first, its copy, recognised by `marker`, is kept.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with _staging(directory) as staging:
         yield staging
         _publishable(staging, directory=True)
         fault_point(f"publish {directory.name}")
@@ -163,8 +161,6 @@ def publish_dir(directory: str | Path, marker: str) -> Iterator[Path]:
         except OSError:
             if not (directory / marker).is_file():
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
@@ -175,22 +171,31 @@ def replace_dir(directory: str | Path) -> Iterator[Path]:
     while building leaves the previous copy exactly as it was.
     """
     directory = Path(directory)
+    with _staging(directory) as staging:
+        try:
+            yield staging
+            _publishable(staging, directory=True)
+            fault_point(f"replace {directory.name}")
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
+                os.rename(directory, old / "x")
+                fault_point(f"swap {directory.name}")  # neither copy in place
+                os.rename(staging, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, directory)
+        except OSError as err:
+            _name(err, directory)
+            raise
+
+
+@contextmanager
+def _staging(directory: Path) -> Iterator[Path]:
+    """A temporary sibling of `directory` to build it in (removed after, whatever
+    happened: a renamed one is gone already)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
         yield staging
-        _publishable(staging, directory=True)
-        fault_point(f"replace {directory.name}")
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=".old-", dir=directory.parent))
-            os.rename(directory, old / "x")
-            fault_point(f"swap {directory.name}")  # neither copy in place
-            os.rename(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
-    except OSError as err:
-        _name(err, directory)
-        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
