@@ -10,11 +10,11 @@ A user's memory is a directory of plain peft adapters plus an index:
 `memory.json` also lists the SHA-256 of every other file (`"files"`), and every reader
 checks them first (`memory_names`): a corrupt or truncated memory is refused with one line
 naming the file, never loaded. Each `memory_<i>` loads alone with
-`PeftModel.from_pretrained`; `load_memory` loads them all, active together. Both
-injectors hand their trained weights over as `ModuleStates` (adapter name -> peft state
-dict): the per-user path takes them from its peft model (`peft_module_states`), the
-batched path from its bank (`bank_module_states`), and `save_memory` writes either the
-same way. Weights are only ever read with safetensors.
+`PeftModel.from_pretrained`; `load_memory` loads them all, active together. Trained
+weights are handed over as `ModuleStates` (adapter name -> peft state dict): the
+injector takes them from its bank (`bank_module_states`), a live peft model gives them
+with `peft_module_states`, and `save_memory` writes either the same way. Weights are
+only ever read with safetensors.
 """
 
 from __future__ import annotations

@@ -477,8 +477,9 @@ FAST = [
 
 
 def test_batched_run_and_incremental_update_that_crashes(milp_cache, tmp_path):
-    """`milp.train injection=batched` writes what the sequential path writes; an update
-    run (memory.resume_from) killed mid-way leaves the stored memories untouched."""
+    """`milp.train injection=batched` writes a whole run (records in the data's order,
+    plain peft memories); an update run (memory.resume_from) killed mid-way leaves the
+    stored memories untouched."""
     old = tmp_path / "old"
     run_milp([*FAST, "injection=batched", f"hydra.run.dir={old}"], milp_cache)
     metrics = json.loads((old / "metrics.json").read_text())

@@ -1,9 +1,9 @@
 """Answering users' queries with their memory, and once more without it, and scoring both.
 
-Both injectors answer through `answer_queries`; they differ only in how a memory is
-switched on for a batch (`MemorySwitch`): the per-user path has one user's peft memory in
-the model (on: as is; off: `disable_adapter()`), the batched path routes each row to its
-user's slot of a `MemoryBank` (off: no routing). Decoding is greedy unless the
+Every answering path goes through `answer_queries`; they differ only in how a memory is
+switched on for a batch (`MemorySwitch`): a peft model holding stored memories (on: as
+is; off: `disable_adapter()`), or the injector's `MemoryBank`, which routes each row to
+its user's slot (off: no routing). Decoding is greedy unless the
 `generation` settings say otherwise, in eval mode and without gradients, so answers are
 reproducible.
 
