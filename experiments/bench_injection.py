@@ -161,7 +161,7 @@ def run_ceiling(args, cfg, base, users, dm, out: Path, shared_memory: bool) -> t
     from milp.inject.loss import target_loss
     from milp.inject.module import ROUTING_KEYS
     from milp.inject.schedule import UserSchedule, UserSteps
-    from milp.memory import place_memory
+    from milp.memory.space import place_memory
 
     fast = FastPath.from_config(cfg.injection.get("fast"))
     slots = min(args.users_per_batch, len(users))
@@ -253,7 +253,7 @@ def workload(args):
     import torch
     from hydra.utils import instantiate
 
-    from milp.memory import place_memory
+    from milp.memory.space import place_memory
 
     cfg = compose_config(args)
     base = load_model(args, cfg) if args.model != "tiny" else instantiate(cfg.model)

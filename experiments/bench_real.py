@@ -239,7 +239,7 @@ def workload(args, cfg, base, users, fmt) -> dict:
     """Training tokens and required FLOPs of the job (the same for every row)."""
     from hydra.utils import instantiate
 
-    from milp.memory import place_memory
+    from milp.memory.space import place_memory
 
     model, config = base.model, base.model.config
     layers, hidden = config.num_hidden_layers, config.hidden_size
@@ -257,7 +257,7 @@ def workload(args, cfg, base, users, fmt) -> dict:
             targets += sum(x != -100 for x in labels[1:])
             attention += 2 * 2 * hidden * n * n / 2  # QK^T and AV, causal
     e = args.epochs
-    from milp.memory import inject_memory, remove_memory
+    from milp.memory.space import inject_memory, remove_memory
 
     peft_model = inject_memory(model, memory)
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -74,7 +74,7 @@ def train_plain_peft(cfg, base, users, dm, out: Path, device: str, autocast=None
     from hydra.utils import instantiate
 
     from milp.inject import seed_user
-    from milp.memory import inject_memory, remove_memory
+    from milp.memory.space import inject_memory, remove_memory
 
     memory = instantiate(cfg.memory)
     clip = cfg.trainer.get("gradient_clip_val")
@@ -108,9 +108,9 @@ def train_with_injector(
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from milp.adapters import adapter_config, bank_module_states, save_memory
-    from milp.assemble import make_injector
-    from milp.memory import place_memory
+    from milp.memory.adapters import adapter_config, bank_module_states, save_memory
+    from milp.memory.space import place_memory
+    from milp.run.assemble import make_injector
 
     with open_dict(cfg):
         cfg.injection.users_per_batch = users_per_batch

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from jobs import ROOT, run, train_command
 
-from milp.files import atomic_write_text
+from milp.run.files import atomic_write_text
 
 # name -> overrides of +experiment=<source>; each states the memory's start and rate, so a
 # row means the same whatever the experiment's own setting is.

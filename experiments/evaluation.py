@@ -24,8 +24,8 @@ from pathlib import Path
 from jobs import ROOT, run, train_command
 from plan import check_run
 
-from milp.files import atomic_write_text
-from milp.metrics import rouge_1, rouge_l
+from milp.evaluation.metrics import rouge_1, rouge_l
+from milp.run.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ RUNS = {
 }
 #: Methods whose answers do not depend on the seed (no training, greedy decoding).
 UNTRAINED = ("zero_shot", "rag")
-#: Test runs that score every user's memory on every user's queries (milp/attribution.py).
+#: Test runs that score every user's memory on every user's queries (milp.evaluation.attribution).
 ATTRIBUTED = ("milp", "milp_default")
 
 
@@ -178,7 +178,7 @@ def test_users(experiment: str, common: list[str]) -> tuple[list[str], str]:
 
     from hydra import compose, initialize_config_dir
 
-    from milp.build import build
+    from milp.run.build import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", *common, "split=test"])

@@ -22,7 +22,7 @@ from typing import Any
 
 from jobs import ROOT
 
-from milp.files import atomic_write_text
+from milp.run.files import atomic_write_text
 
 PLAN = "plan.json"
 STARTS = "test_starts.json"

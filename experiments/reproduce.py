@@ -50,8 +50,8 @@ from results_tables import (
 from tuning import Budget, tune_all
 from verdict import attribution_lines, claim_rows, counts, decomposition, verdict_table
 
-from milp.attribution_stats import format_attribution
-from milp.files import atomic_write_bytes, atomic_write_text
+from milp.evaluation.attribution_stats import format_attribution
+from milp.run.files import atomic_write_bytes, atomic_write_text
 
 #: Compared per user; metrics a run does not report are skipped (e.g. likelihoods).
 COMPARED = ("rouge1", "rougeL", "nll")
@@ -72,7 +72,7 @@ class Source:
     methods: tuple[str, ...] = tuple(METHODS)
     overrides: tuple[str, ...] = ()  # for every run of the source, tuning and test
     objective: str = "rougeL"  # the dev metric every method is tuned for
-    pruning: bool = True  # stop trials trailing the others' median early (milp/prune.py)
+    pruning: bool = True  # stop trials trailing the others' median early (milp/run/prune.py)
 
 
 # The real sources (SmolLM2-135M, 30 layers): every method of the verdict, 3 seeds, the
@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def attribution_section(out: Path, methods: list[str], seeds: list[int]) -> str:
     """The attribution summary of every test run that has one (runs with memory and
-    `attribution.enabled`; milp/attribution.py), as the run printed it."""
+    `attribution.enabled`; milp/evaluation/attribution.py), as the run printed it."""
     blocks = []
     for method in methods:
         for seed in seeds:

@@ -2,7 +2,7 @@
 
 Reads a `milp.train` run's `predictions.jsonl` (run with `compare_without_memory=true`)
 and prints, per user and overall (mean over users), ROUGE-L's precision, recall and
-F-measure (LaMP's tokenization, `milp.metrics`), the answers' length in words beside the
+F-measure (LaMP's tokenization, `milp.evaluation.metrics`), the answers' length in words beside the
 gold's, and the gold's mean token NLL, each with memory / without. ROUGE-L F rewards
 recall, so an answer half the gold's length loses F even where each of its words
 matches the gold more often (higher precision); the NLL scores the gold itself and does
@@ -20,8 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from milp.files import atomic_write_text
-from milp.metrics import rouge_l_parts, tokenize
+from milp.evaluation.metrics import rouge_l_parts, tokenize
+from milp.run.files import atomic_write_text
 
 COLUMNS = ("P", "R", "F", "words", "NLL")
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import stdtrit
 
-from milp.attribution_stats import PermutationP
 from milp.errors import MilpError
+from milp.evaluation.attribution_stats import PermutationP
 
 #: Per-user metrics where a lower value is better (likelihood-type scores).
 LOWER_IS_BETTER_SUFFIXES = ("nll", "ppl", "perplexity", "loss")

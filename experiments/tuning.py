@@ -32,7 +32,7 @@ import yaml
 from jobs import ROOT, run, train_command
 from stats import lower_is_better
 
-from milp.files import atomic_write_text
+from milp.run.files import atomic_write_text
 
 #: method -> the sweep file (sweeps/<name>.yaml) that holds its tuning space.
 TUNING_SWEEPS = {

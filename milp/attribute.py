@@ -1,4 +1,5 @@
-"""`python -m milp.attribute store=RUN`: does a memory know its owner? (milp/attribution.py)
+"""`python -m milp.attribute store=RUN`: does a memory know its owner? (the library side:
+`milp/evaluation/attribution.py`)
 
 Scores every stored memory of a finished `milp.train` run on every user's held-out
 queries, with the run's own model, data and memory settings, optionally beside a task
@@ -16,15 +17,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from milp.assemble import make_injector
-from milp.attribution import attribute, plan_attribution
-from milp.attribution_stats import format_attribution
-from milp.build import build
 from milp.data.datamodule import UserDataModule
 from milp.errors import MilpError, run_command
-from milp.memory import MemoryConfig, place_memory
+from milp.evaluation.attribution import attribute, plan_attribution
+from milp.evaluation.attribution_stats import format_attribution
+from milp.memory.space import MemoryConfig, place_memory
 from milp.models.hf import model_identity
-from milp.store import RunStore, run_config, run_lock
+from milp.run.assemble import make_injector
+from milp.run.build import build
+from milp.run.store import RunStore, run_config, run_lock
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:

@@ -22,23 +22,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from milp.adapters import adapter_config, memory_digest, memory_info, save_memory, verify_memory
-from milp.assemble import Run, assemble_run
-from milp.attribution import (
+from milp.data.users import User
+from milp.errors import MilpError, run_command
+from milp.evaluation.attribution import (
     attribute,
     train_task_memory,
 )
-from milp.attribution_stats import format_attribution
-from milp.data.users import User
-from milp.errors import MilpError, run_command
+from milp.evaluation.attribution_stats import format_attribution
+from milp.evaluation.report import average, format_table, summarize, table_rows
 from milp.inject import TrainedUser
 from milp.inject.injector import Injector
-from milp.memory import MemoryConfig, MemoryPlacement
+from milp.memory.adapters import (
+    adapter_config,
+    memory_digest,
+    memory_info,
+    save_memory,
+    verify_memory,
+)
+from milp.memory.space import MemoryConfig, MemoryPlacement
 from milp.models.hf import BaseModel
-from milp.prune import Pruner
-from milp.report import average, format_table, summarize, table_rows
-from milp.shard import Shard, current_shard
-from milp.store import RunStore, run_lock
+from milp.run.assemble import Run, assemble_run
+from milp.run.prune import Pruner
+from milp.run.shard import Shard, current_shard
+from milp.run.store import RunStore, run_lock
 
 log = logging.getLogger("milp")
 
@@ -153,7 +159,7 @@ def train_users(
     whose stored result still holds are reused. Returns their results by id and the
     pruner (a search trial's, or None)."""
     users = shard.users(parts.datamodule.users, parts.datamodule.batch_size)
-    # A search trial with pruning (milp/prune.py) takes its users in a fixed, seeded order
+    # A search trial with pruning (milp/run/prune.py) takes its users in a fixed, seeded order
     # and stops after the first user at which it trails the completed trials.
     pruner = Pruner.from_config(
         cfg.get("prune_file"),

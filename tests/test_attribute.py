@@ -13,16 +13,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from milp.attribute import run as attribute_command
-from milp.attribution import plan_attribution
-from milp.attribution_stats import (
+from milp.data.history import load_history_users
+from milp.errors import MilpError
+from milp.evaluation.attribution import plan_attribution
+from milp.evaluation.attribution_stats import (
     NO_MEMORY,
     TASK_MEMORY,
     format_attribution,
     owner_permutation_p,
     summarize_attribution,
 )
-from milp.data.history import load_history_users
-from milp.errors import MilpError
 
 # Each user's headlines are one word repeated: only the owner's memory has learnt it.
 TEST_WORDS = {"u-zebra": "zebra", "u-violin": "violin", "u-quartz": "quartz"}

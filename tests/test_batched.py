@@ -17,7 +17,11 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from milp.adapters import (
+from milp.inject import TrainedUser, seed_user
+from milp.inject.answer import answer_queries
+from milp.inject.bank import MemoryBank, fresh_weights
+from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot
+from milp.memory.adapters import (
     adapter_config,
     bank_module_states,
     load_memory,
@@ -27,12 +31,8 @@ from milp.adapters import (
     split_modules,
     stack_modules,
 )
-from milp.inject import TrainedUser, seed_user
-from milp.inject.answer import answer_queries
-from milp.inject.bank import MemoryBank, fresh_weights
-from milp.inject.slot_optim import SlotAdamW, clip_grad_norm_per_slot
-from milp.memory import MemoryConfig, Target, inject_memory, place_memory, remove_memory
-from milp.store import adapters_dir, user_memory
+from milp.memory.space import MemoryConfig, Target, inject_memory, place_memory, remove_memory
+from milp.run.store import adapters_dir, user_memory
 
 MEMORY = MemoryConfig(num_loras=2, rank=4, alpha=8, layers=[1, 3], target_modules=["ffn", "q_proj"])
 
@@ -281,9 +281,9 @@ def inject_users(
     from omegaconf import OmegaConf, open_dict
 
     import milp.train as milp_train
-    from milp.assemble import make_injector
     from milp.data.users import user_hash
-    from milp.store import RunStore
+    from milp.run.assemble import make_injector
+    from milp.run.store import RunStore
 
     with open_dict(cfg):
         cfg.injection = OmegaConf.load(ROOT / "conf" / "injection" / f"{injection}.yaml")

@@ -122,9 +122,9 @@ def test_every_model_option(option, cache):
 
 @pytest.mark.parametrize("option", options(CONF / "injection"))
 def test_every_injection_option_builds_an_injector(option, cache):
-    from milp.assemble import make_injector
     from milp.inject.injector import Injector
-    from milp.memory import place_memory
+    from milp.memory.space import place_memory
+    from milp.run.assemble import make_injector
 
     cfg = composed("+experiment=lamp", f"injection={option}", *TINY_MODEL_OVERRIDES)
     memory, datamodule, base = (instantiate(cfg[k]) for k in ("memory", "data", "model"))

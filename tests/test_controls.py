@@ -14,10 +14,10 @@ from conftest import run_milp
 from safetensors.torch import load_file
 from test_attribute import TEST_WORDS, attribution_run, lamp4_files
 
-from milp.adapters import memory_digest
 from milp.data.controls import derangement, pooled_histories, swapped_histories
 from milp.data.users import HistoryPair, Query, User
 from milp.errors import MilpError
+from milp.memory.adapters import memory_digest
 
 
 def control_run(data, out, *overrides: str) -> list[str]:

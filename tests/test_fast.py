@@ -8,7 +8,7 @@ from milp.data.datamodule import IGNORE_INDEX, pad_right
 from milp.inject.fast import bf16_frozen_weights, bf16_supported, cpu_attention, fast_autocast
 from milp.inject.loss import pack_rows, target_loss
 from milp.inject.prefix import PrefixCache, prefix_bytes
-from milp.memory import MemoryConfig, inject_memory, remove_memory
+from milp.memory.space import MemoryConfig, inject_memory, remove_memory
 from milp.models.tiny import length_bucketed_batches
 
 

@@ -2,7 +2,7 @@
 exactly the results of a run never killed, and at every moment each user whose result
 record exists has a memory whose files hash as the record says.
 
-`milp/files.py` `fault_point` marks every step of the run directory's writes (each atomic
+`milp/run/files.py` `fault_point` marks every step of the run directory's writes (each atomic
 file write before its rename, a memory between its modules' saves, a memory directory
 before and between the renames that publish it); `MILP_TEST_KILL_AT=N:prefix` makes the
 process kill itself at the Nth point whose name starts with `prefix`, so a kill lands at
@@ -19,8 +19,8 @@ import pytest
 from conftest import run_milp
 from test_run_dir import SMALL, write_users
 
-from milp.files import KILL_AT, POINT_LOG, TEMP_PREFIXES
 from milp.models.hf import HASH_CACHE
+from milp.run.files import KILL_AT, POINT_LOG, TEMP_PREFIXES
 
 USERS = ["u0", "u1", "u2"]
 TIMINGS = {"seconds", "train_seconds"}  # the only fields two equal runs may differ in

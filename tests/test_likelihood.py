@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from milp.data.datamodule import IGNORE_INDEX, pad_left
+from milp.evaluation.metrics import ResponseMetrics
+from milp.evaluation.report import average
 from milp.inject.answer import gold_nll
-from milp.metrics import ResponseMetrics
-from milp.report import average
 
 PAD = 0
 

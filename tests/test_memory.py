@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from milp.adapters import load_memory, peft_module_states
-from milp.adapters import save_memory as save_states
 from milp.errors import MilpError
-from milp.memory import (
+from milp.memory.adapters import load_memory, peft_module_states
+from milp.memory.adapters import save_memory as save_states
+from milp.memory.space import (
     MemoryConfig,
     inject_memory,
     place_memory,

@@ -3,7 +3,7 @@ import random
 import pytest
 from rouge_score import rouge_scorer
 
-from milp.metrics import (
+from milp.evaluation.metrics import (
     ResponseMetrics,
     persona_scores,
     rouge_1,

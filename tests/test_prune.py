@@ -1,4 +1,4 @@
-"""milp/prune.py: the trial side of pruning (rule, user order, running objective, file)."""
+"""milp/run/prune.py: the trial side of pruning (rule, user order, running objective, file)."""
 
 import json
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from milp.errors import MilpError
-from milp.prune import PROGRESS_FILE, Pruner, PruneRule, quantile, seeded_order
+from milp.run.prune import PROGRESS_FILE, Pruner, PruneRule, quantile, seeded_order
 
 COMPLETED = [[0.5, 0.6, 0.7, 0.8], [0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4]]
 

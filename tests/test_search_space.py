@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydra_plugins.milp_sweeper._search_space import build_search_space, nevergrad_parameter
-from milp.memory import place_memory
+from milp.memory.space import place_memory
 
 SWEEPS = ROOT / "sweeps"
 ABLATIONS = {

@@ -14,7 +14,7 @@ from conftest import ROOT
 from rouge_score import rouge_scorer, scoring
 
 from milp.errors import MilpError
-from milp.metrics import rouge_l
+from milp.evaluation.metrics import rouge_l
 
 sys.path.insert(0, str(ROOT / "experiments"))
 from stats import (  # noqa: E402 (a script folder, not a package)

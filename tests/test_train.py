@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp, start_milp
 
-from milp.adapters import load_memory
+from milp.memory.adapters import load_memory
 from milp.models.hf import load_base_model
 
 FAST = [

@@ -11,7 +11,7 @@ pruning, replayed on a cached grid (`make bench-search`).
 2. Replay nevergrad's ``RandomSearch`` and ``BO`` over that space, for ``--seeds`` seeds,
    as the ``milp_nevergrad`` sweeper runs them: the sweeper's own search-space code
    (``make_optimizer``) and tells (``LossBook``), and with pruning milp's own rule
-   (``milp.prune``) on the running objective in the seeded user order, each trial told
+   (``milp.run.prune``) on the running objective in the seeded user order, each trial told
    what the sweeper tells (a stopped trial: the paired estimate). The cost of a trial is
    the users it trained (a stopped trial: the users before its stop).
 3. Report, per method, the median user-trainings to reach 95% / 99% of the grid optimum
@@ -49,8 +49,8 @@ from hydra_plugins.milp_sweeper._search_space import (
     make_optimizer,
 )
 from hydra_plugins.milp_sweeper._tell import LossBook
-from milp.prune import PruneRule, seeded_order
-from milp.report import average
+from milp.evaluation.report import average
+from milp.run.prune import PruneRule, seeded_order
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

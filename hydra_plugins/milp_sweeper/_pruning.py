@@ -1,6 +1,6 @@
 """Pruning, the sweeper side: hand trials the completed trials' curves, log what they did.
 
-The stop decision is made inside the trial (milp: ``milp/prune.py``), because trials run
+The stop decision is made inside the trial (milp: ``milp/run/prune.py``), because trials run
 through any Hydra launcher, in this process or in others. Contract with the task:
 
 - Before each batch, ``write_history`` writes ``<sweep dir>/pruning/before-trial<N>.json``
@@ -30,7 +30,7 @@ from typing import Any
 from hydra_plugins.milp_sweeper._overrides import SweepConfigError
 from hydra_plugins.milp_sweeper._trial_log import read_json, write_atomic
 
-#: What a pruning task leaves in its job dir (milp.prune.PROGRESS_FILE).
+#: What a pruning task leaves in its job dir (milp.run.prune.PROGRESS_FILE).
 PROGRESS_FILE = "pruning.json"
 #: Folder of the per-batch history files, in the sweep dir.
 HISTORY_DIR = "pruning"

@@ -48,7 +48,7 @@ class WandbConf:
 
 @dataclass
 class PruningConf:
-    """Stop trials early (multi-fidelity pruning; the trial decides, e.g. milp/prune.py)."""
+    """Stop trials early (multi-fidelity pruning; the trial decides, e.g. milp/run/prune.py)."""
 
     enabled: bool = False
     # After k users, a trial stops if its running objective is worse than this percentile

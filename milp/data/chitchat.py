@@ -36,7 +36,7 @@ from milp.data.dialogue import Turn, pick_queries, render_context
 from milp.data.lamp import load_lamp_split
 from milp.data.sources import package_dir, package_source
 from milp.errors import MilpError
-from milp.files import publish_dir
+from milp.run.files import publish_dir
 
 CONVERTER_VERSION = 3
 INSTALL_HINT = "pip install chitchat-dataset==0.9.0"

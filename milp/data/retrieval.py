@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from milp.data.checks import setting_int
 from milp.data.users import HistoryPair, User
 from milp.errors import MilpError
-from milp.metrics import tokenize
+from milp.evaluation.metrics import tokenize
 
 
 class BM25:

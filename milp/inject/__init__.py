@@ -22,8 +22,8 @@ import lightning as L
 from milp.data.users import User, user_seed
 
 if TYPE_CHECKING:
-    from milp.adapters import ModuleStates
     from milp.inject.answer import Answers
+    from milp.memory.adapters import ModuleStates
 
 
 #: A run's status line for its progress bar (see `Injector.run`), or None.

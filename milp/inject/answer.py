@@ -27,8 +27,8 @@ from torch import nn
 
 from milp.data.datamodule import PromptFormat, UserDataModule, pad_right
 from milp.data.users import User
+from milp.evaluation.metrics import ResponseMetrics, tokenize
 from milp.inject.fast import bf16_frozen_weights, bf16_supported, fast_autocast
-from milp.metrics import ResponseMetrics, tokenize
 
 # switch(user_ids of the batch's rows, use_memory) -> a context in which the model answers
 # those rows with (or without) their users' memory.

@@ -14,13 +14,13 @@ and `RoutedLinear` (put in place of each target `nn.Linear`) adds, for every exa
 
 The `num_loras` modules of a user share the scale `alpha / rank`, so stacking them along
 the rank dimension is exactly their sum, as peft computes it with all memories active
-(`milp.adapters.stack_modules` converts between the two layouts).
+(`milp.memory.adapters.stack_modules` converts between the two layouts).
 Gradients reach only the slot a row is routed to, so users never touch each other's
 weights. The optimizer and gradient clipping (milp/inject/slot_optim.py) keep per-slot state and
 step counts, so each user follows the trajectory it would follow alone.
 
 A user's weights go in and out as `UserWeights` (per target: A, B in bank layout);
-`milp.adapters` turns them into plain peft adapters and back.
+`milp.memory.adapters` turns them into plain peft adapters and back.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from milp.errors import MilpError
-from milp.memory import MemoryConfig, Target
+from milp.memory.space import MemoryConfig, Target
 
 # A user's memory, aligned with a bank's targets: (A [K*r, in], B [out, K*r]) per target.
 UserWeights = list[tuple[torch.Tensor, torch.Tensor]]

@@ -36,7 +36,6 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 
-from milp.adapters import bank_module_states, find_memory, read_bank_weights, verify_memory
 from milp.data.datamodule import UserDataModule
 from milp.data.users import User
 from milp.errors import MilpError
@@ -47,9 +46,10 @@ from milp.inject.fast import FastPath, fast_training
 from milp.inject.module import MemoryTraining
 from milp.inject.schedule import UserSchedule, UserSteps
 from milp.inject.slot_optim import SlotAdamW
-from milp.memory import MemoryConfig, MemoryPlacement
+from milp.memory.adapters import bank_module_states, find_memory, read_bank_weights, verify_memory
+from milp.memory.space import MemoryConfig, MemoryPlacement
 from milp.models.hf import BaseModel
-from milp.store import adapters_root, recorded_memory
+from milp.run.store import adapters_root, recorded_memory
 
 
 @dataclass

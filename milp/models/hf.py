@@ -15,7 +15,7 @@ from transformers.utils import CONFIG_NAME, cached_file
 from transformers.utils import logging as hf_logging
 
 from milp.errors import MilpError
-from milp.files import cached_sha256, publish_dir
+from milp.run.files import cached_sha256, publish_dir
 
 HASH_CACHE = "file-sha256.json"  # under paths.cache_dir: model files' hashes (model_identity)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +45,7 @@ def no_progress_bars() -> Iterator[None]:
 
 def publish_model(directory: str | Path, model, tokenizer, marker: str, record: str) -> Path:
     """Save `model` (safetensors) and `tokenizer` as a model directory, published whole
-    (`milp.files.publish_dir`) with `marker` holding `record`; generation pads and stops
+    (`milp.run.files.publish_dir`) with `marker` holding `record`; generation pads and stops
     with the tokenizer's tokens."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

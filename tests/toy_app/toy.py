@@ -11,7 +11,7 @@ layers=top_half, model=small. Environment variables let a test make given trials
 - ``TOY_KILL_AT_USER=5:2``: ``os._exit(1)`` in trial 5 after its 2nd user (mid-trial).
 
 With ``users=N`` the objective is the mean over N toy users (each adds a fixed offset that
-averages to zero), evaluated in milp's pruning order and stopped by ``milp.prune.Pruner``
+averages to zero), evaluated in milp's pruning order and stopped by ``milp.run.prune.Pruner``
 when the sweeper passes ``prune_file``: the same trial-side contract as ``milp.train``.
 """
 
@@ -23,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from milp.prune import Pruner
+from milp.run.prune import Pruner
 
 #: Per-user offsets of the toy objective (mean 0): users differ, the ranking of
 #: configurations does not.

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from milp.data.checks import setting_number
 from milp.errors import MilpError
-from milp.memory import MemoryConfig
+from milp.memory.space import MemoryConfig
 
 # Longest answer a run may ask for: past it, one greedy answer of the tiny model takes
 # minutes and the reference models' context windows are exceeded anyway.

@@ -33,10 +33,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from milp.adapters import is_saved_memory, verify_memory
 from milp.data.users import User, user_slug
 from milp.errors import MilpError
-from milp.files import atomic_write_text, remove_leftovers
+from milp.memory.adapters import is_saved_memory, verify_memory
+from milp.run.files import atomic_write_text, remove_leftovers
 
 log = logging.getLogger("milp")
 

@@ -9,7 +9,7 @@ train split's users (never the run's users). That separates adapting to the data
 domain (any memory helps) from personalization (the owner's memory helps most).
 
 The owner is picked as the memory with the lowest NLL, per user and per query, ties
-shared (`milp/attribution_stats.py` says how).
+shared (`milp/evaluation/attribution_stats.py` says how).
 
 Memories are served through the routed `MemoryBank` (as `milp.generate engine=routed`),
 one memory at a time over all queries, so equal memories give bit-equal NLLs. Writes
@@ -32,7 +32,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 
-from milp.adapters import (
+from milp.data.datamodule import QueryCollator, UserDataModule
+from milp.data.users import HistoryPair, User, user_hash
+from milp.errors import MilpError
+from milp.evaluation.attribution_stats import (
+    NO_MEMORY,
+    TASK_MEMORY,
+    heatmap_png,
+    summarize_attribution,
+)
+from milp.inject.answer import gold_nll, gold_targets
+from milp.inject.bank import MemoryBank
+from milp.memory.adapters import (
     FILES_KEY,
     adapter_config,
     is_saved_memory,
@@ -43,21 +54,10 @@ from milp.adapters import (
     stored_memory_config,
     verify_memory,
 )
-from milp.attribution_stats import (
-    NO_MEMORY,
-    TASK_MEMORY,
-    heatmap_png,
-    summarize_attribution,
-)
-from milp.build import build
-from milp.data.datamodule import QueryCollator, UserDataModule
-from milp.data.users import HistoryPair, User, user_hash
-from milp.errors import MilpError
-from milp.files import atomic_write_bytes, atomic_write_text
-from milp.inject.answer import gold_nll, gold_targets
-from milp.inject.bank import MemoryBank
-from milp.memory import MemoryConfig, MemoryPlacement, place_memory
-from milp.store import (
+from milp.memory.space import MemoryConfig, MemoryPlacement, place_memory
+from milp.run.build import build
+from milp.run.files import atomic_write_bytes, atomic_write_text
+from milp.run.store import (
     adapters_dir,
     recorded_memory,
     task_memory_dir,

@@ -9,26 +9,26 @@ from dataclasses import dataclass
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from milp.attribution import (
+from milp.data.controls import check_history_of, pooled_histories, swapped_histories
+from milp.data.datamodule import UserDataModule
+from milp.data.users import user_hash
+from milp.errors import MilpError
+from milp.evaluation.attribution import (
     AttributionPlan,
     plan_attribution,
     plan_from_train_config,
     pooled_history,
     task_items,
 )
-from milp.build import build
-from milp.data.controls import check_history_of, pooled_histories, swapped_histories
-from milp.data.datamodule import UserDataModule
-from milp.data.users import user_hash
-from milp.errors import MilpError
+from milp.evaluation.metrics import OBJECTIVE_NAMES
 from milp.inject import quiet_lightning
 from milp.inject.fast import FastPath
 from milp.inject.injector import Injector
-from milp.memory import MemoryConfig, MemoryPlacement, place_memory
-from milp.metrics import OBJECTIVE_NAMES
+from milp.memory.space import MemoryConfig, MemoryPlacement, place_memory
 from milp.models.hf import BaseModel, model_identity
-from milp.settings import check_train_settings
-from milp.store import config_fingerprint, run_fingerprint
+from milp.run.build import build
+from milp.run.settings import check_train_settings
+from milp.run.store import config_fingerprint, run_fingerprint
 
 log = logging.getLogger("milp")
 
@@ -63,7 +63,7 @@ class Run:
     """A run's parts, built and checked before anything is written: the memory, the
     users (with the histories a control gives them), the base model, where memory goes,
     the injector, the attribution and task-memory plans (None: off), each user's data
-    hash as trained, and the run's fingerprint (`milp.store.FINGERPRINT_PARTS`)."""
+    hash as trained, and the run's fingerprint (`milp.run.store.FINGERPRINT_PARTS`)."""
 
     memory: MemoryConfig
     datamodule: UserDataModule

@@ -1,4 +1,5 @@
-"""Attribution's figures: who owns a memory, from an NLL matrix (`milp/attribution.py` makes it).
+"""Attribution's figures: who owns a memory, from the NLL matrix that
+`milp/evaluation/attribution.py` makes.
 
 The owner is picked as the memory with the lowest NLL, per user (the mean NLL over the
 user's queries) and per query; only the N users' memories compete (the task memory and no

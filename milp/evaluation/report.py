@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from milp.memory import MemoryConfig
-from milp.metrics import LIKELIHOOD_NAMES, METRIC_NAMES, perplexity
+from milp.evaluation.metrics import LIKELIHOOD_NAMES, METRIC_NAMES, perplexity
+from milp.memory.space import MemoryConfig
 
 
 def average(results: list[dict], key: str) -> dict[str, float] | None:

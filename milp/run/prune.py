@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from milp.errors import MilpError
-from milp.files import atomic_write_text
+from milp.run.files import atomic_write_text
 
 #: What a trial writes in its output dir for the sweeper (read into the trial log).
 PROGRESS_FILE = "pruning.json"

@@ -35,8 +35,7 @@ from torch import nn
 
 from milp.data.users import user_slug
 from milp.errors import MilpError
-from milp.files import fault_point, file_sha256, replace_dir
-from milp.memory import (
+from milp.memory.space import (
     MEMORY_PREFIX,
     MemoryConfig,
     MemoryPlacement,
@@ -44,6 +43,7 @@ from milp.memory import (
     activate_memories,
     lora_config,
 )
+from milp.run.files import fault_point, file_sha256, replace_dir
 
 if TYPE_CHECKING:  # the bank layout (milp/inject/bank.py), which imports nothing from here
     from milp.inject.bank import UserWeights
