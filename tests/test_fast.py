@@ -5,7 +5,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from milp.data.datamodule import IGNORE_INDEX, pad_right
-from milp.inject.fast import bf16_frozen_weights, bf16_supported, cpu_attention, fast_autocast
+from milp.inject.fast import (
+    FastPath,
+    bf16_frozen_weights,
+    bf16_supported,
+    cpu_attention,
+    fast_autocast,
+    fast_training,
+)
 from milp.inject.loss import pack_rows, target_loss
 from milp.inject.prefix import PrefixCache, prefix_bytes
 from milp.memory.space import MemoryConfig, inject_memory, remove_memory
@@ -238,3 +245,16 @@ def test_fast_autocast_falls_back_to_float32():
     with fast_autocast("cpu"):
         expected = torch.bfloat16 if bf16_supported("cpu") else torch.float32
         assert (a @ a).dtype == expected
+
+
+def test_fresh_tensors_go_unfilled_only_while_training(llama):
+    """The NaN fill that deterministic mode adds to every new tensor is off while the
+    fast path trains, back on while it pauses (answering) and after it ends."""
+    flag = torch.utils.deterministic
+    assert flag.fill_uninitialized_memory
+    with fast_training(llama, FastPath(), "cpu", start_layer=0) as session:
+        assert not flag.fill_uninitialized_memory
+        with session.paused():
+            assert flag.fill_uninitialized_memory
+        assert not flag.fill_uninitialized_memory
+    assert flag.fill_uninitialized_memory

@@ -19,6 +19,7 @@ sets them up around one user's (or one bank's) training:
 - eager attention on CPU, faster than SDPA at memory training's lengths. Exact up to
   float rounding.
 - logits at target positions only (`milp.inject.loss.target_loss`): always on. Exact.
+- fresh tensors left unfilled (`unfilled_allocations`): always on. Exact.
 
 Answering runs in float32 unless `bf16_answers` is set: greedy decoding turns small
 numeric differences into other words, so bf16 answers are a choice, not a default.
@@ -147,6 +148,25 @@ def cpu_attention(model: nn.Module, device: str | torch.device) -> Iterator[str]
             setter(previous)
 
 
+@contextmanager
+def unfilled_allocations() -> Iterator[None]:
+    """Fresh tensors' memory left as allocated while the block runs.
+
+    `trainer.deterministic` turns on `torch.use_deterministic_algorithms`, which also
+    fills every new tensor with NaN (`torch.utils.deterministic.fill_uninitialized_memory`):
+    a guard that makes reading memory nobody wrote visible. Training never reads it, so
+    no result changes; the fill writes every cast and activation twice, tens of thousands
+    of calls per SmolLM2 user on a CPU (`experiments/bench_real.py --profile`: `fill_`
+    under `empty_strided`).
+    """
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = previous
+
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -203,6 +223,7 @@ class FastTraining:
 
     def _apply(self) -> None:
         self._stack = ExitStack()
+        self._stack.enter_context(unfilled_allocations())
         if self.fast.eager_attention:
             self._stack.enter_context(cpu_attention(self.model, self.device))
         self._stack.enter_context(bf16_frozen_weights(self.model, self.fast.uses_bf16(self.device)))
