@@ -412,6 +412,34 @@ def test_bf16_fast_path_trains_to_the_float32_loss(milp_cache, monkeypatch, tmp_
             assert fast[user_id]["train_loss"] != record["train_loss"]  # bf16 did run
 
 
+def test_unfilled_allocations_change_no_memory_bit(milp_cache, monkeypatch, tmp_path):
+    """Training leaves fresh tensors unfilled (`unfilled_allocations`), which
+    deterministic mode (`trainer.deterministic`) would NaN-fill: with the fill kept on,
+    every saved memory is the same to the bit, one user or three per step."""
+    from contextlib import nullcontext
+
+    from hydra.utils import instantiate
+
+    import milp.inject.fast
+
+    cfg = compose(milp_cache, monkeypatch, "data.users.max_users=3", "trainer.max_epochs=1")
+    assert cfg.trainer.deterministic  # what turns the fill on
+    memory = instantiate(cfg.memory)
+    dm, base = instantiate(cfg.data), instantiate(cfg.model)
+    dm.attach_tokenizer(base.tokenizer)
+    for users_per_batch in (1, 3):
+        out = tmp_path / f"unfilled{users_per_batch}"
+        inject_users(cfg, base, memory, dm, dm.users, out, "batched", users_per_batch)
+        with monkeypatch.context() as patch:
+            patch.setattr(milp.inject.fast, "unfilled_allocations", nullcontext)
+            filled = tmp_path / f"filled{users_per_batch}"
+            inject_users(cfg, base, memory, dm, dm.users, filled, "batched", users_per_batch)
+        ours, theirs = adapters(out), adapters(filled)
+        assert ours.keys() == theirs.keys() and ours
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]), key
+
+
 def test_a_trainer_stopped_early_is_an_error_not_a_shorter_training(
     milp_cache, monkeypatch, tmp_path
 ):

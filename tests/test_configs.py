@@ -165,6 +165,9 @@ RUN |= {"trainer.gradient_clip_val": 1.0, "trainer.precision": "32-true"}
 RUN |= {"memory.alpha": 16, "memory.dropout": 0.0, "memory.target_modules": ["ffn"]}
 RUN |= {"injection._target_": "milp.inject.injector.Injector", "data.batch_size": 8}
 RUN |= {"injection.users_per_batch": 1}
+# Run directories store this name in their config and their fingerprint hashes it: a
+# module move that changed it would refuse every earlier run's resume (milp/memory/__init__.py).
+RUN |= {"memory._target_": "milp.memory.MemoryConfig"}
 REAL = {
     "model._target_": "milp.models.smollm2.load_smollm2",
     "memory.num_loras": 1,

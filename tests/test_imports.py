@@ -1,5 +1,7 @@
 """Every module imports on its own, as the first import of a fresh interpreter: no
-import cycle hides behind the order in which other modules happen to load."""
+import cycle hides behind the order in which other modules happen to load. And the
+layout tells commands from library: `milp/`'s top level holds the commands and the
+error type, and no library module imports a command."""
 
 import ast
 import subprocess

@@ -1,11 +1,12 @@
 """Memory injection: train each user's memory on their history and answer their queries.
 
-`milp.inject.injector.Injector` does it (see there); this package's parts, each one idea:
-`bank` (many users' LoRA memories, routed row by row), `schedule` (which users' batches
-make each step), `module` (the LightningModule the Trainer steps), `slot_optim`
+`milp.inject.injector.Injector` does it (see there); this package's parts, each one
+idea: `bank` (many users' LoRA memories, routed row by row), `schedule` (which users'
+batches make each step), `module` (the LightningModule the Trainer steps), `slot_optim`
 (per-user AdamW and clipping), `loss`, `fast` and `prefix` (the fast path), `answer`
-(answering and scoring). Here: what every part shares, the per-user seed, quiet
-Lightning output, the progress report and the result record.
+(answering and scoring), `serve` (serving stored memories in mixed-user batches). Here:
+what every part shares, the per-user seed, quiet Lightning output, the progress report
+and the result record.
 """
 
 from __future__ import annotations

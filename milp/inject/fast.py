@@ -19,7 +19,8 @@ sets them up around one user's (or one bank's) training:
 - eager attention on CPU, faster than SDPA at memory training's lengths. Exact up to
   float rounding.
 - logits at target positions only (`milp.inject.loss.target_loss`): always on. Exact.
-- fresh tensors left unfilled (`unfilled_allocations`): always on. Exact.
+- fresh tensors left unfilled (`unfilled_allocations`): always on, whatever
+  `injection.fast` says. Exact.
 
 Answering runs in float32 unless `bf16_answers` is set: greedy decoding turns small
 numeric differences into other words, so bf16 answers are a choice, not a default.
@@ -223,10 +224,15 @@ class FastTraining:
 
     def _apply(self) -> None:
         self._stack = ExitStack()
-        self._stack.enter_context(unfilled_allocations())
-        if self.fast.eager_attention:
-            self._stack.enter_context(cpu_attention(self.model, self.device))
-        self._stack.enter_context(bf16_frozen_weights(self.model, self.fast.uses_bf16(self.device)))
+        try:
+            self._stack.enter_context(unfilled_allocations())
+            if self.fast.eager_attention:
+                self._stack.enter_context(cpu_attention(self.model, self.device))
+            uses_bf16 = self.fast.uses_bf16(self.device)
+            self._stack.enter_context(bf16_frozen_weights(self.model, uses_bf16))
+        except BaseException:  # a piece that fails to set up undoes the ones before it
+            self._stack.close()
+            raise
 
     def __enter__(self) -> FastTraining:
         self._apply()
