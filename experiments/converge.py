@@ -27,6 +27,7 @@ from pathlib import Path
 from jobs import ROOT, run, train_command
 
 from milp.run.files import atomic_write_text
+from milp.run.store import attribution_files, metrics_file, read_run_file
 
 # name -> overrides of +experiment=<source>; each states the memory's start and rate, so a
 # row means the same whatever the experiment's own setting is.
@@ -85,7 +86,7 @@ def chosen_settings(args) -> dict[str, list[str]]:
 
 def run_setting(source: str, overrides: list[str], run_dir: Path) -> float | None:
     """One dev run (resumed where it stopped); its wall seconds, None if already done."""
-    if (run_dir / "attribution.json").exists() and (run_dir / "metrics.json").exists():
+    if attribution_files(run_dir)[0].exists() and metrics_file(run_dir).exists():
         return None
     command = train_command(
         source,
@@ -102,8 +103,8 @@ def run_setting(source: str, overrides: list[str], run_dir: Path) -> float | Non
 
 def summarize(run_dir: Path) -> dict:
     """The row of one setting from its run's metrics.json and attribution.json."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    summary = json.loads((run_dir / "attribution.json").read_text())
+    metrics = read_run_file(metrics_file(run_dir))
+    summary = read_run_file(attribution_files(run_dir)[0])
     nll = summary["mean_nll"]
     timing = run_dir / "converge_seconds.json"
     return {

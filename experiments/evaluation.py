@@ -26,6 +26,7 @@ from plan import check_run
 
 from milp.evaluation.metrics import rouge_1, rouge_l
 from milp.run.files import atomic_write_text
+from milp.run.store import metrics_file, read_run_file, user_results
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ def evaluate_methods(
                     ),
                     out / "logs" / f"{method}-seed{seed}.log",
                 )
-                metrics = json.loads((directory / "metrics.json").read_text())
-                users = [json.loads(p.read_text()) for p in sorted(directory.glob("users/*.json"))]
+                metrics = read_run_file(metrics_file(directory))
+                users = user_results(directory)
                 atomic_write_text(
                     record,
                     json.dumps(

@@ -28,7 +28,6 @@ Steps (each resumable: finished runs are skipped when their outputs exist):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from verdict import attribution_lines, claim_rows, counts, decomposition, verdic
 
 from milp.evaluation.attribution_stats import format_attribution
 from milp.run.files import atomic_write_bytes, atomic_write_text
+from milp.run.store import attribution_files, read_run_file
 
 #: Compared per user; metrics a run does not report are skipped (e.g. likelihoods).
 COMPARED = ("rouge1", "rougeL", "nll")
@@ -219,13 +219,13 @@ def attribution_section(out: Path, methods: list[str], seeds: list[int]) -> str:
     blocks = []
     for method in methods:
         for seed in seeds:
-            path = out / "runs" / method / f"seed{seed}" / "attribution.json"
+            path, plot = attribution_files(out / "runs" / method / f"seed{seed}")
             if path.is_file():
-                summary = json.loads(path.read_text())
+                summary = read_run_file(path)
                 name = METHODS.get(method, method)
                 # The heatmap beside the other plots (the runs stay local).
                 heatmap = out / f"attribution_{method}_seed{seed}.png"
-                atomic_write_bytes(heatmap, path.with_suffix(".png").read_bytes())
+                atomic_write_bytes(heatmap, plot.read_bytes())
                 blocks.append(
                     f"{name}, seed {seed}:\n\n```\n{format_attribution(summary)}\n```\n\n"
                     f"![attribution]({out.name}/{heatmap.name})"

@@ -22,6 +22,7 @@ from statistics import mean
 
 from milp.evaluation.metrics import rouge_l_parts, tokenize
 from milp.run.files import atomic_write_text
+from milp.run.store import predictions_file
 
 COLUMNS = ("P", "R", "F", "words", "NLL")
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("run", type=Path, help="a milp.train run directory")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
-    path = args.run / "predictions.jsonl"
+    path = predictions_file(args.run)
     if not path.is_file():
         raise SystemExit(f"rouge_vs_nll: {path}: no predictions (not a finished milp.train run)")
     predictions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -33,6 +33,7 @@ from jobs import ROOT, run, train_command
 from stats import lower_is_better
 
 from milp.run.files import atomic_write_text
+from milp.run.store import metrics_file, read_run_file, user_results
 
 #: method -> the sweep file (sweeps/<name>.yaml) that holds its tuning space.
 TUNING_SWEEPS = {
@@ -171,11 +172,11 @@ def check_dev_only(sweep_dir: Path) -> set[str]:
         # results folder checked out or copied elsewhere still verifies.
         job = sweep_dir / Path(trial["job_dir"]).name
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        metrics_file = job / "metrics.json"
-        split = json.loads(metrics_file.read_text())["split"] if metrics_file.is_file() else None
+        finished = metrics_file(job).is_file()
+        split = read_run_file(metrics_file(job))["split"] if finished else None
         if config.get("split") != TUNING_SPLIT or split not in (None, TUNING_SPLIT):
             raise SystemExit(f"reproduce: tuning job {job} ran on split {split or config['split']}")
-        users |= {json.loads(p.read_text())["user_id"] for p in (job / "users").glob("*.json")}
+        users |= {result["user_id"] for result in user_results(job)}
     return users
 
 
@@ -236,7 +237,7 @@ def run_grid(
             job = sweep_dir / str(number)
             overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
             chosen = {o.split("=", 1)[0]: yaml.safe_load(o.split("=", 1)[1]) for o in overrides}
-            metrics = json.loads((job / "metrics.json").read_text())
+            metrics = read_run_file(metrics_file(job))
             trials.append(
                 {
                     "trial": number,

@@ -13,13 +13,14 @@ is **inconclusive** otherwise (or where a method it needs did not run).
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from results_tables import METHODS, per_user
 from stats import lower_is_better, nll_decomposition, paired_test, seed_spread
+
+from milp.run.store import attribution_files, read_run_file
 
 ALPHA = 0.05
 
@@ -164,10 +165,10 @@ def attribution_lines(out: Path, method: str, seeds: list[int]) -> str:
     """Per seed: owner top-1 per user against chance, with its permutation p."""
     lines = []
     for seed in seeds:
-        path = out / "runs" / method / f"seed{seed}" / "attribution.json"
+        path, _ = attribution_files(out / "runs" / method / f"seed{seed}")
         if not path.is_file():
             continue
-        s = json.loads(path.read_text())
+        s = read_run_file(path)
         top1, perm = s["per_user"]["top1"], s.get("per_user_top1_permutation") or {}
         p = f"permutation p {perm['p']:.4g}" if "p" in perm else "no permutation test"
         lines.append(

@@ -15,33 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from milp.data.datamodule import UserDataModule
-from milp.errors import MilpError, run_command
+from milp.errors import run_command
 from milp.evaluation.attribution import attribute, plan_attribution
 from milp.evaluation.attribution_stats import format_attribution
-from milp.memory.space import MemoryConfig, place_memory
+from milp.memory.space import place_memory
 from milp.models.hf import model_identity
-from milp.run.assemble import make_injector
-from milp.run.build import build
-from milp.run.store import RunStore, run_config, run_lock
+from milp.run.assemble import load_base, make_injector, reopen_run
+from milp.run.store import RunStore, attribution_files, run_lock
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Attribution for a stored run, with the run's own model, data and memory settings."""
     store = Path(cfg.store)
-    run_cfg = run_config(store) if store.is_dir() else None
-    if run_cfg is None:
-        raise MilpError(f"store={store}: not a milp.train run directory (no .hydra/config.yaml)")
-    with open_dict(run_cfg):
-        run_cfg.paths = cfg.paths
-    memory: MemoryConfig = build(run_cfg.memory)
-    if not memory.enabled:
-        raise MilpError(f"store={store}: the run has no memory (memory.num_loras=0)")
-    datamodule: UserDataModule = build(run_cfg.data)
-    plan = plan_attribution(
-        run_cfg,
+    stored = reopen_run(store, cfg.get("paths"))
+    datamodule, memory = stored.datamodule, stored.memory
+    plan = plan_attribution(  # checked before the model loads
+        stored.config,
         datamodule.users,
         task_memory=cfg.task_memory,
         task_items=cfg.task_items,
@@ -49,12 +40,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         task_lr=cfg.task_lr,
         key="attribute",
     )
-    base = build(run_cfg.model)
-    if cfg.device:
-        base.model.to(cfg.device)
-    datamodule.attach_tokenizer(base.tokenizer)
+    base = load_base(stored.config.model, datamodule, cfg.device)
     placement = place_memory(memory, base.model)
-    injector = make_injector(run_cfg, base, memory, placement, datamodule)
+    injector = make_injector(stored.config, base, memory, placement, datamodule)
     with run_lock(store):  # it writes into the run: never beside a run still writing there
         run_hash = RunStore.reopen(store, model_identity(base, cfg.paths.cache_dir)).run_hash
         summary = attribute(
@@ -70,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         )
     if summary is not None:
         print(format_attribution(summary))
-        print(f"outputs: {store / 'attribution.json'}, {store / 'attribution.png'}")
+        print("outputs: {}, {}".format(*attribution_files(store)))
     return summary
 
 

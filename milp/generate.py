@@ -30,7 +30,6 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from milp.data.checks import setting_number
@@ -38,6 +37,8 @@ from milp.data.users import Query, user_slug
 from milp.errors import MilpError, run_command
 from milp.inject.serve import MixedServer, Request
 from milp.memory.adapters import verify_memory
+from milp.run.assemble import load_base
+from milp.run.build import build
 from milp.run.files import atomic_write_text
 from milp.run.settings import check_generation
 from milp.run.store import adapters_root, recorded_memory, run_config
@@ -81,14 +82,12 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     check_generation(settings.generation)
     for key in ("users_per_batch", "batch_size"):
         setting_number(key, settings[key], 1, integer=True)
-    base = instantiate(settings.model)
-    if settings.device:
-        base.model.to(settings.device)
-    prompt_format = instantiate(settings.data.prompt_format)
+    base = load_base(settings.model, device=settings.device)
+    prompt_format = build(settings.data.prompt_format)
     if settings.queries:
         requests = read_requests(settings.queries)
     else:
-        datamodule = instantiate(settings.data)
+        datamodule = build(settings.data)
         prompt_format = datamodule.format  # with the run's layout of retrieved items
         requests = [Request(u.user_id, q) for u in datamodule.users for q in u.queries]
     if not requests:

@@ -3,17 +3,21 @@ ids; one writer at a time; a resume reuses only what still matches its inputs, a
 different configuration or base model is refused (changed data and corrupt memories:
 tests/test_bad_input.py; kills at every write step: tests/test_faults.py)."""
 
+import ast
 import json
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from conftest import TINY_MODEL_OVERRIDES, run_milp, start_milp
 from test_data import COLLIDING_IDS
 
 from milp.data.users import HistoryPair, Query, User, user_hash, user_slug
+from milp.errors import MilpError
 from milp.models.tiny import TinyModelSpec, ensure_tiny_model
+from milp.run.store import metrics_file, read_run_file, user_results
 
 SMALL = [
     *TINY_MODEL_OVERRIDES,
@@ -62,6 +66,38 @@ def test_ids_that_collided_get_a_directory_each_and_resume_keeps_them_all(milp_c
     assert sorted(p["id"] for p in predictions) == sorted(f"q{i}" for i in range(6))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["users"] == 6 and len(metrics["per_user"]) == 6
+    # The store's readers, which experiments/ uses, see the same files.
+    assert read_run_file(metrics_file(out)) == metrics
+    assert sorted(r["user_id"] for r in user_results(out)) == sorted(COLLIDING_IDS)
+
+
+def test_a_missing_or_broken_run_file_is_a_one_line_error_naming_it(tmp_path):
+    with pytest.raises(MilpError, match=f"{tmp_path / 'metrics.json'}: missing"):
+        read_run_file(metrics_file(tmp_path))
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "alice.json").write_text("[1, 2]")
+    with pytest.raises(MilpError, match=r"alice\.json: not a JSON object"):
+        user_results(tmp_path)
+
+
+# (Its folders' names, adapters/ and task_memory/, are also JSON keys elsewhere.)
+RUN_FILES = {"metrics.json", "predictions.jsonl", "attribution.json", "attribution.png"}
+RUN_FILES |= {"fingerprint.txt"}
+
+
+def test_only_the_store_names_a_run_directorys_files():
+    """milp/run/store.py owns the run directory's layout: no other module of milp/ or
+    experiments/ spells one of its file names (as a string of its own or a path's end)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*root.glob("milp/**/*.py"), *root.glob("experiments/**/*.py")]):
+        if path == root / "milp" / "run" / "store.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value.rsplit("/", 1)[-1] in RUN_FILES:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not offenders, "\n".join(offenders)
 
 
 def test_one_writer_per_run_dir_and_a_killed_writer_blocks_nothing(milp_cache, tmp_path):

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from hydra_plugins.milp_sweeper._overrides import format_value
+from milp.run.store import metrics_file, read_run_file
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -118,12 +119,11 @@ def collect(dimension: str, directory: Path) -> list[dict[str, Any]]:
     rows = []
     jobs = sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     for job in jobs:
-        metrics_file = job / "metrics.json"
-        if not metrics_file.is_file():
+        if not metrics_file(job).is_file():
             continue
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         value = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key)
-        metrics = json.loads(metrics_file.read_text())
+        metrics = read_run_file(metrics_file(job))
         where = job.relative_to(ROOT) if job.is_relative_to(ROOT) else job
         rows.append({"value": value, "job_dir": str(where), **metrics})
     return rows

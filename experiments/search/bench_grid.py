@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from milp.run.store import metrics_file, read_run_file, user_results
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: The enumerated space: override key -> values (Hydra's grid order: last key fastest).
@@ -84,11 +86,8 @@ def read_job(job: Path) -> tuple[Config, dict[str, Any]]:
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
     given = dict(o.split("=", 1) for o in overrides)
     config = tuple(type(values[0])(given[key]) for key, values in SPACE.items())
-    metrics = json.loads((job / "metrics.json").read_text())
-    users = {}
-    for user_file in sorted((job / "users").glob("*.json")):
-        result = json.loads(user_file.read_text())
-        users[result["user_id"]] = result["memory"]
+    metrics = read_run_file(metrics_file(job))
+    users = {result["user_id"]: result["memory"] for result in user_results(job)}
     return config, {
         "objective": metrics["objective"],
         "seconds": metrics["seconds"],
@@ -101,10 +100,10 @@ def read_grid(sweep_dir: Path) -> tuple[dict[Config, dict[str, Any]], float]:
     table: dict[Config, dict[str, Any]] = {}
     stamps: list[float] = []
     for job in sweep_dir.iterdir() if sweep_dir.is_dir() else []:
-        if job.name.isdigit() and (job / "metrics.json").is_file():
+        if job.name.isdigit() and metrics_file(job).is_file():
             config, result = read_job(job)
             table[config] = result
-            stamps += [(job / ".hydra").stat().st_mtime, (job / "metrics.json").stat().st_mtime]
+            stamps += [(job / ".hydra").stat().st_mtime, metrics_file(job).stat().st_mtime]
     return table, (max(stamps) - min(stamps) if stamps else 0.0)
 
 

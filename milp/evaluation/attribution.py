@@ -59,6 +59,7 @@ from milp.run.build import build
 from milp.run.files import atomic_write_bytes, atomic_write_text
 from milp.run.store import (
     adapters_dir,
+    attribution_files,
     recorded_memory,
     task_memory_dir,
     user_memory,
@@ -308,7 +309,8 @@ def attribute(
     )
     result = summarize_attribution([u.user_id for u in scored], queries, scores)
     if task is not None:
-        result["task_memory"] = {"path": "task_memory"} | task
-    atomic_write_text(run_dir / "attribution.json", json.dumps(result, indent=1))
-    atomic_write_bytes(run_dir / "attribution.png", heatmap_png(result))
+        result["task_memory"] = {"path": task_memory_dir(run_dir).name} | task
+    summary_file, heatmap_file = attribution_files(run_dir)
+    atomic_write_text(summary_file, json.dumps(result, indent=1))
+    atomic_write_bytes(heatmap_file, heatmap_png(result))
     return {k: v for k, v in result.items() if k != "matrix"}

@@ -49,7 +49,8 @@ def quiet_lightning() -> Iterator[None]:
         with warnings.catch_warnings():
             # The frozen base model stays in eval mode (no dropout) while its memory trains.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-            # The steps come from a schedule of users, which has no length to report.
+            # The users' histories are small and held in memory: worker processes to load
+            # them would cost more than they save.
             warnings.filterwarnings("ignore", message=r".*does not have many workers")
             # Lightning's own use of a torch pytree API that torch deprecates.
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated")

@@ -1,13 +1,15 @@
 """A run's parts from its configuration, for every command (`milp.train`,
-`milp.attribute`) and experiment script: the injector `conf/injection` chooses."""
+`milp.attribute`, `milp.generate`) and experiment script: the base model, the users'
+data, the memory and the injector `conf/injection` chooses."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from milp.data.controls import check_history_of, pooled_histories, swapped_histories
 from milp.data.datamodule import UserDataModule
@@ -28,12 +30,50 @@ from milp.memory.space import MemoryConfig, MemoryPlacement, place_memory
 from milp.models.hf import BaseModel, model_identity
 from milp.run.build import build
 from milp.run.settings import check_train_settings
-from milp.run.store import config_fingerprint, run_fingerprint
+from milp.run.store import config_fingerprint, run_config, run_fingerprint
 
 log = logging.getLogger("milp")
 
 # Settings that do not change a user's results, left out of the run's fingerprint.
 VOLATILE_KEYS = ("logger", "paths", "callbacks", "prune_file", "attribution")
+
+
+def load_base(
+    model: DictConfig, datamodule: UserDataModule | None = None, device: str | None = None
+) -> BaseModel:
+    """The base model of `model` (conf/model), on `device` when one is given, its tokenizer
+    attached to `datamodule`'s users when one is given."""
+    base: BaseModel = build(model)
+    if device:
+        base.model.to(device)
+    if datamodule is not None:
+        datamodule.attach_tokenizer(base.tokenizer)
+    return base
+
+
+@dataclass
+class StoredRun:
+    """A finished `milp.train` run reopened by a command that reads or adds to it: its
+    configuration (with this machine's `paths`), its memory settings and its users."""
+
+    config: DictConfig
+    memory: MemoryConfig
+    datamodule: UserDataModule
+
+
+def reopen_run(store: str | Path, paths: DictConfig | None) -> StoredRun:
+    """The run directory `store`'s configuration (with `paths`, this machine's, where
+    given), memory and users, checked (the errors name `store=`) before any model loads."""
+    config = run_config(store) if Path(store).is_dir() else None
+    if config is None:
+        raise MilpError(f"store={store}: not a milp.train run directory (no .hydra/config.yaml)")
+    if paths is not None:
+        with open_dict(config):
+            config.paths = paths
+    memory: MemoryConfig = build(config.memory)
+    if not memory.enabled:
+        raise MilpError(f"store={store}: the run has no memory (memory.num_loras=0)")
+    return StoredRun(config, memory, build(config.data))
 
 
 def make_injector(
@@ -94,8 +134,7 @@ def assemble_run(cfg: DictConfig) -> Run:
         )
     datamodule: UserDataModule = build(cfg.data)
     assign_histories(cfg, datamodule, history_of)
-    base: BaseModel = build(cfg.model)
-    datamodule.attach_tokenizer(base.tokenizer)
+    base = load_base(cfg.model, datamodule)
     placement = place_memory(memory, base.model) if memory.enabled else None
     if placement is not None:
         log.info(

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, open_dict
 
 from milp.data.users import User
@@ -94,8 +96,6 @@ class Shard:
         """Block until every rank is done with its users (no-op in a single process)."""
         if not self.distributed:
             return
-        import torch.distributed as dist
-
         os.environ.setdefault("MASTER_ADDR", self.main_address or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(self.main_port or 29500))
         os.environ.setdefault("RANK", str(self.rank))
@@ -109,8 +109,6 @@ class Shard:
 
 def current_shard() -> Shard:
     """This process's shard, from the launcher's environment (single process otherwise)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
     for environment_cls in (TorchElasticEnvironment, SLURMEnvironment):
         if environment_cls.detect():
             env = environment_cls()

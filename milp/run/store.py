@@ -10,6 +10,7 @@ Layout under the run's output dir:
                                      inputs and of its memory's files (written last: the
                                      marker that the user is done)
     predictions.jsonl, metrics.json  rebuilt from users/ after every user
+    attribution.json, attribution.png  does each memory know its owner (milp.attribute)
 Every file is written to a temporary name and renamed, so a crash or Ctrl-C leaves
 finished users intact. A re-run with the same directory reuses a user's result only while
 its inputs hash as recorded and its memory's files hash as recorded; any other user is
@@ -63,6 +64,39 @@ class WritableRunDir(Callback):
 
 
 ADAPTERS, TASK_MEMORY, FINGERPRINT = "adapters", "task_memory", "fingerprint.txt"
+RESULTS, METRICS, PREDICTIONS = "users", "metrics.json", "predictions.jsonl"
+ATTRIBUTION, ATTRIBUTION_PLOT = "attribution.json", "attribution.png"
+
+
+def metrics_file(run_dir: str | Path) -> Path:
+    """The run's metrics over the users finished so far."""
+    return Path(run_dir) / METRICS
+
+
+def predictions_file(run_dir: str | Path) -> Path:
+    """Every finished user's answers, one JSON line each."""
+    return Path(run_dir) / PREDICTIONS
+
+
+def attribution_files(run_dir: str | Path) -> tuple[Path, Path]:
+    """The attribution summary (JSON) and its heatmap (PNG) of a run."""
+    return Path(run_dir) / ATTRIBUTION, Path(run_dir) / ATTRIBUTION_PLOT
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """One of a run's JSON records (metrics, attribution, a user's result); the error
+    names the file when it is missing or holds no JSON object."""
+    if not path.is_file():
+        raise MilpError(f"{path}: missing (the run did not finish this part)")
+    record = _read_record(path)
+    if record is None:
+        raise MilpError(f"{path}: not a JSON object")
+    return record
+
+
+def user_results(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished user's result record, in file-name order."""
+    return [read_run_file(p) for p in sorted((Path(run_dir) / RESULTS).glob("*.json"))]
 
 
 def adapters_dir(run_dir: str | Path) -> Path:
@@ -180,7 +214,7 @@ class RunStore:
         stored = read_fingerprint(self.marker) if self.marker.is_file() else None
         # A fingerprint without any finished user protects nothing: a run that failed
         # before its first result must not block the corrected command.
-        if stored is not None and any((self.root / "users").glob("*.json")):
+        if stored is not None and any((self.root / RESULTS).glob("*.json")):
             for part, what in REFUSED_PARTS.items():
                 if stored.get(part) != fingerprint[part]:
                     raise MilpError(
@@ -207,14 +241,14 @@ class RunStore:
 
     def remove_leftovers(self) -> None:
         """Delete the temporaries a killed run left (only while holding the run alone)."""
-        for directory in (self.root, self.root / "users", self.root / "adapters"):
+        for directory in (self.root, self.root / RESULTS, adapters_dir(self.root)):
             remove_leftovers(directory)
 
     def adapter_dir(self, user: User) -> Path:
         return adapters_dir(self.root) / user.slug
 
     def _result_path(self, user_id: str) -> Path:
-        return self.root / "users" / f"{user_slug(user_id)}.json"
+        return self.root / RESULTS / f"{user_slug(user_id)}.json"
 
     def is_done(self, user: User) -> bool:
         """Whether this user's results were written by an earlier (possibly crashed) run."""
@@ -271,8 +305,9 @@ class RunStore:
     def write_outputs(self, results: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Rewrite the run-level files from the per-user results gathered so far."""
         lines = [json.dumps(p) for r in results for p in r["predictions"]]
-        atomic_write_text(self.root / "predictions.jsonl", "\n".join(lines) + "\n" if lines else "")
-        atomic_write_text(self.root / "metrics.json", json.dumps(summary, indent=2))
+        text = "\n".join(lines) + "\n" if lines else ""
+        atomic_write_text(predictions_file(self.root), text)
+        atomic_write_text(metrics_file(self.root), json.dumps(summary, indent=2))
 
 
 def recorded_memory(adapters: Path, user_id: str) -> dict[str, str] | None:
@@ -280,7 +315,7 @@ def recorded_memory(adapters: Path, user_id: str) -> dict[str, str] | None:
     a reader of `adapters` (a run's adapters/ directory); None where there is no record."""
     if adapters.name != ADAPTERS:
         return None
-    path = adapters.parent / "users" / f"{user_slug(user_id)}.json"
+    path = adapters.parent / RESULTS / f"{user_slug(user_id)}.json"
     if not path.is_file():
         return None
     result = _read_record(path)
