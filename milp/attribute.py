@@ -29,7 +29,7 @@ from milp.run.store import RunStore, attribution_files, run_lock
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Attribution for a stored run, with the run's own model, data and memory settings."""
     store = Path(cfg.store)
-    stored = reopen_run(store, cfg.get("paths"))
+    stored = reopen_run(store, cfg.paths)
     datamodule, memory = stored.datamodule, stored.memory
     plan = plan_attribution(  # checked before the model loads
         stored.config,

@@ -238,7 +238,7 @@ def test_the_summary_carries_the_owner_permutation_p():
 
 def test_bad_attribution_settings_are_one_line_errors(tmp_path):
     with pytest.raises(MilpError, match=r"store=.*not a milp.train run directory"):
-        attribute_command(OmegaConf.create({"store": str(tmp_path / "nope")}))
+        attribute_command(OmegaConf.create({"store": str(tmp_path / "nope"), "paths": {}}))
 
     users = tmp_path / "users.jsonl"
     users.write_text(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_MODEL_OVERRIDES, milp_env, run_milp
+from omegaconf import OmegaConf
 
 from milp.data.datamodule import UserDataModule
 from milp.data.history import load_history_users
@@ -863,3 +864,20 @@ def test_generate_and_attribute_refuse_a_corrupt_memory_with_one_line(
         "the run's record of this user (corrupt or truncated)",
     )
     assert not (run_dir / "attribution.json").exists()
+
+
+def test_generate_refuses_a_run_whose_users_file_is_gone_with_one_line(
+    changed_run, milp_cache, tmp_path
+):
+    """The run's data, rebuilt for serving, fails as `milp.train` would: one line naming
+    the file, and no answers written."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(changed_run["run_dir"], run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    gone = tmp_path / "moved" / "users.jsonl"
+    stored = OmegaConf.load(config)
+    stored.data.path = str(gone)
+    OmegaConf.save(stored, config)
+    served = run_command("generate", [f"store={run_dir}"], milp_cache)
+    assert_last_line_error(served.returncode, served.stderr, f"{gone}: file not found")
+    assert not (run_dir / "answers.jsonl").exists()

@@ -5,6 +5,7 @@ tests/test_bad_input.py; kills at every write step: tests/test_faults.py)."""
 
 import ast
 import json
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -72,32 +73,66 @@ def test_ids_that_collided_get_a_directory_each_and_resume_keeps_them_all(milp_c
 
 
 def test_a_missing_or_broken_run_file_is_a_one_line_error_naming_it(tmp_path):
-    with pytest.raises(MilpError, match=f"{tmp_path / 'metrics.json'}: missing"):
+    with pytest.raises(MilpError, match=re.escape(f"{tmp_path / 'metrics.json'}: missing")):
         read_run_file(metrics_file(tmp_path))
     (tmp_path / "users").mkdir()
     (tmp_path / "users" / "alice.json").write_text("[1, 2]")
     with pytest.raises(MilpError, match=r"alice\.json: not a JSON object"):
         user_results(tmp_path)
+    (tmp_path / "users" / "alice.json").write_text('{"user_id": "ali')  # cut short
+    with pytest.raises(MilpError, match=r"alice\.json: not valid JSON"):
+        user_results(tmp_path)
 
 
-# (Its folders' names, adapters/ and task_memory/, are also JSON keys elsewhere.)
 RUN_FILES = {"metrics.json", "predictions.jsonl", "attribution.json", "attribution.png"}
 RUN_FILES |= {"fingerprint.txt"}
+# Its folders' names are also JSON keys elsewhere: caught where a path is joined with one.
+RUN_FOLDERS = {"users", "adapters", "task_memory"}
+
+
+def run_layout_spelled(node: ast.AST) -> str | None:
+    """The run-directory name a source node spells, if any: a file's name as a string (or
+    a string's last path part), a folder as `... / "users"` or a string `"users/..."`."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        parts = node.value.split("/")
+        in_folder = len(parts) > 1 and parts[0] in RUN_FOLDERS and any(c in parts[-1] for c in ".*")
+        if parts[-1] in RUN_FILES or in_folder:  # ("users/min" is a unit, not a path)
+            return node.value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        right = node.right
+        if isinstance(right, ast.Constant) and right.value in RUN_FOLDERS:
+            return f'/ "{right.value}"'
+    return None
 
 
 def test_only_the_store_names_a_run_directorys_files():
     """milp/run/store.py owns the run directory's layout: no other module of milp/ or
-    experiments/ spells one of its file names (as a string of its own or a path's end)."""
+    experiments/ spells one of its file or folder names."""
     root = Path(__file__).resolve().parents[1]
     offenders = []
     for path in sorted([*root.glob("milp/**/*.py"), *root.glob("experiments/**/*.py")]):
         if path == root / "milp" / "run" / "store.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if node.value.rsplit("/", 1)[-1] in RUN_FILES:
-                    offenders.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+            spelled = run_layout_spelled(node)
+            if spelled is not None:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}: {spelled}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_layout_check_sees_each_way_of_spelling_a_run_name():
+    spelled = [
+        'run / "metrics.json"',
+        'directory.glob("users/*.json")',
+        'run_dir / "users" / name',
+        'Path(run) / "adapters"',
+        'open("out/predictions.jsonl")',
+        'Path("adapters/alice/memory.json")',
+    ]
+    for source in spelled:
+        assert any(run_layout_spelled(n) for n in ast.walk(ast.parse(source))), source
+    for source in ('stored["adapters"]', '{"users": 3}', 'get("task_memory")', 'f"users/min"'):
+        assert not any(run_layout_spelled(n) for n in ast.walk(ast.parse(source))), source
 
 
 def test_one_writer_per_run_dir_and_a_killed_writer_blocks_nothing(milp_cache, tmp_path):

@@ -61,15 +61,14 @@ class StoredRun:
     datamodule: UserDataModule
 
 
-def reopen_run(store: str | Path, paths: DictConfig | None) -> StoredRun:
-    """The run directory `store`'s configuration (with `paths`, this machine's, where
-    given), memory and users, checked (the errors name `store=`) before any model loads."""
+def reopen_run(store: str | Path, paths: DictConfig) -> StoredRun:
+    """The run directory `store`'s configuration (with this machine's `paths`), memory and
+    users, checked (the errors name `store=`) before any model loads."""
     config = run_config(store) if Path(store).is_dir() else None
     if config is None:
         raise MilpError(f"store={store}: not a milp.train run directory (no .hydra/config.yaml)")
-    if paths is not None:
-        with open_dict(config):
-            config.paths = paths
+    with open_dict(config):
+        config.paths = paths
     memory: MemoryConfig = build(config.memory)
     if not memory.enabled:
         raise MilpError(f"store={store}: the run has no memory (memory.num_loras=0)")

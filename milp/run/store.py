@@ -83,13 +83,21 @@ def attribution_files(run_dir: str | Path) -> tuple[Path, Path]:
     return Path(run_dir) / ATTRIBUTION, Path(run_dir) / ATTRIBUTION_PLOT
 
 
+def result_file(run_dir: str | Path, user_id: str) -> Path:
+    """A user's result record (written last: the marker that the user is done)."""
+    return Path(run_dir) / RESULTS / f"{user_slug(user_id)}.json"
+
+
 def read_run_file(path: Path) -> dict[str, Any]:
     """One of a run's JSON records (metrics, attribution, a user's result); the error
-    names the file when it is missing or holds no JSON object."""
+    names the file when it is missing, is not JSON or holds no JSON object."""
     if not path.is_file():
         raise MilpError(f"{path}: missing (the run did not finish this part)")
-    record = _read_record(path)
-    if record is None:
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MilpError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
         raise MilpError(f"{path}: not a JSON object")
     return record
 
@@ -248,7 +256,7 @@ class RunStore:
         return adapters_dir(self.root) / user.slug
 
     def _result_path(self, user_id: str) -> Path:
-        return self.root / RESULTS / f"{user_slug(user_id)}.json"
+        return result_file(self.root, user_id)
 
     def is_done(self, user: User) -> bool:
         """Whether this user's results were written by an earlier (possibly crashed) run."""
@@ -315,7 +323,7 @@ def recorded_memory(adapters: Path, user_id: str) -> dict[str, str] | None:
     a reader of `adapters` (a run's adapters/ directory); None where there is no record."""
     if adapters.name != ADAPTERS:
         return None
-    path = adapters.parent / RESULTS / f"{user_slug(user_id)}.json"
+    path = result_file(adapters.parent, user_id)
     if not path.is_file():
         return None
     result = _read_record(path)
