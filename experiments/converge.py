@@ -26,6 +26,7 @@ from pathlib import Path
 
 from jobs import ROOT, run, train_command
 
+from milp.errors import run_command
 from milp.run.files import atomic_write_text
 from milp.run.store import attribution_files, metrics_file, read_run_file
 
@@ -188,4 +189,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # a broken run file: one line naming it

@@ -49,6 +49,7 @@ from results_tables import (
 from tuning import Budget, tune_all
 from verdict import attribution_lines, claim_rows, counts, decomposition, verdict_table
 
+from milp.errors import run_command
 from milp.evaluation.attribution_stats import format_attribution
 from milp.run.files import atomic_write_bytes, atomic_write_text
 from milp.run.store import attribution_files, read_run_file
@@ -387,4 +388,4 @@ is better).
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))  # a broken run file: one line naming it

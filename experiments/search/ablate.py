@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from hydra_plugins.milp_sweeper._overrides import format_value
+from milp.errors import run_command
 from milp.run.store import metrics_file, read_run_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))  # a broken run file: one line naming it

@@ -49,6 +49,7 @@ from hydra_plugins.milp_sweeper._search_space import (
     make_optimizer,
 )
 from hydra_plugins.milp_sweeper._tell import LossBook
+from milp.errors import run_command
 from milp.evaluation.report import average
 from milp.run.prune import PruneRule, seeded_order
 
@@ -329,4 +330,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))  # a broken run file: one line naming it
