@@ -265,9 +265,7 @@ class RunStore:
     def load_result(self, user: User) -> dict[str, Any]:
         """The user's stored result record."""
         path = self._result_path(user.user_id)
-        result = _read_record(path)
-        if result is None:
-            raise MilpError(f"{path}: not a result record (not a JSON object)")
+        result = read_run_file(path)
         if result.get("user_id") != user.user_id:  # a name shared by two ids, never reused
             raise MilpError(f"{path}: holds user {result.get('user_id')!r}, not {user.user_id!r}")
         return result
@@ -326,9 +324,7 @@ def recorded_memory(adapters: Path, user_id: str) -> dict[str, str] | None:
     path = result_file(adapters.parent, user_id)
     if not path.is_file():
         return None
-    result = _read_record(path)
-    if result is None:
-        raise MilpError(f"{path}: not a result record (not a JSON object)")
+    result = read_run_file(path)
     hashes = result.get("memory_sha256")
     return hashes if isinstance(hashes, dict) else None
 
